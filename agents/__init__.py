@@ -1,0 +1,2 @@
+"""agents"""
+__all__: list[str] = []

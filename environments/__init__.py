@@ -1,0 +1,2 @@
+"""environments"""
+__all__: list[str] = []

@@ -1,0 +1,2 @@
+"""tools"""
+__all__: list[str] = []
