@@ -5,6 +5,7 @@ text into activations, steer the model, and load / save / train NLA checkpoints.
 """
 
 from .activations import Activations, encode, read_activations
+from .defaults import default_checkpoint
 from .checkpoint import NLAMeta, extract_explanation, read_meta, write_meta
 from .errors import (
     BadVectorError,
@@ -32,4 +33,5 @@ __all__ = [
     "fve", "mean_baseline", "normalize", "normalized_mse",
     "EMBEDDED_MODEL", "ModelHandle", "embedded_model_dir", "handle_from", "load_model",
     "NLA", "RoundTrip", "SteerResult", "Verbalization", "default_layer", "steered_generations",
+    "default_checkpoint",
 ]

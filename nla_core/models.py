@@ -82,6 +82,9 @@ def embedded_model_dir() -> Path:
             return target
         from rich.console import Console
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.enable_progress_bar()  # the de-quantisation bar: this step takes a while
 
         console = Console(stderr=True)
         console.print(
@@ -257,6 +260,9 @@ def load_model(
     else:
         path = name = str(name_or_path)
     local_only = not _allow_download() and not Path(path).exists()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading a converted model takes under a second
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)

@@ -355,7 +355,12 @@ class NLA:
         for t in texts:
             if not str(t).strip():
                 raise EmptyInputError("A text to reconstruct is empty.", "pass non-blank explanations.")
-        parts = [self.predict(list(texts[i : i + batch_size])).float().cpu() for i in range(0, len(texts), batch_size)]
+        return self.reconstruct_explanations(list(texts), batch_size)
+
+    @torch.no_grad()
+    def reconstruct_explanations(self, texts: list[str], batch_size: int = 16) -> torch.Tensor:
+        """Like `reconstruct` for AV outputs, which may be empty (the bare template is still defined)."""
+        parts = [self.predict(texts[i : i + batch_size]).float().cpu() for i in range(0, len(texts), batch_size)]
         return torch.cat(parts)
 
     def round_trip(self, activations: torch.Tensor, *, n_samples: int = 1, **gen) -> RoundTrip:
@@ -363,7 +368,7 @@ class NLA:
         training-set mean when the checkpoint has one (else this batch's mean)."""
         vecs = self.check_vectors(activations)
         verbs = self.verbalize(vecs, n_samples=n_samples, **gen)
-        recon = self.reconstruct([v.text or " " for v in verbs])
+        recon = self.reconstruct_explanations([v.text for v in verbs])
         gold = vecs.repeat_interleave(n_samples, dim=0)
         mse = normalized_mse(recon, gold)
         cos = torch.nn.functional.cosine_similarity(recon, gold, dim=-1)

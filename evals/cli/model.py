@@ -1,0 +1,249 @@
+"""`nla model info`, `nla activations`, `nla verbalize`, `nla steer`, `nla perf`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+
+from nla_core import NLA, BadVectorError, ModelHandle, load_model, read_activations
+from nla_core.errors import EmptyInputError
+from nla_core.models import cache_dir, is_embedded
+from nla_core.nla import default_layer
+
+from .common import console, out, print_json
+
+__all__ = ["register", "load_nla_for_cli", "read_vector_file"]
+
+UNTRAINED_NOTE = (
+    "UNTRAINED verbalizer: no trained NLA checkpoint is loaded, so these explanations are what the "
+    "plain model writes with the vector injected. They carry no reliable meaning."
+)
+
+ModelOpt = typer.Option(None, "--model", "-m", help="HF model name or local path (default: the embedded SmolLM2-135M-Instruct).")
+
+
+def _default_checkpoint() -> Optional[Path]:
+    import nla_core
+
+    finder = getattr(nla_core, "default_checkpoint", None)
+    return finder() if finder else None
+
+
+def load_nla_for_cli(
+    handle: ModelHandle, checkpoint: Optional[Path], critic: Optional[Path], layer: Optional[int]
+) -> NLA:
+    """The NLA named on the command line, else the shipped one for the embedded model, else an
+    untrained one (which says so)."""
+    if checkpoint is None and is_embedded(handle.name):
+        checkpoint = _default_checkpoint()
+    if checkpoint is not None:
+        nla = NLA.load(checkpoint, handle, ar_path=critic)
+        if layer is not None and layer != nla.layer:
+            raise BadVectorError(
+                f"The NLA at {checkpoint} reads block {nla.layer}, not block {layer}.",
+                f"drop --layer or pass --layer {nla.layer}.",
+            )
+        return nla
+    return NLA.untrained(handle, layer)
+
+
+def read_vector_file(path: Path) -> torch.Tensor:
+    """A vector from .safetensors (first tensor), .pt, .npy or .json (a list of numbers)."""
+    if not path.exists():
+        raise BadVectorError(f"Vector file {path} does not exist.", "pass an existing file or a sentence.")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+            v = next(iter(tensors.values()))
+        elif suffix == ".pt":
+            v = torch.load(str(path), map_location="cpu", weights_only=True)
+        elif suffix == ".npy":
+            import numpy as np
+
+            v = torch.from_numpy(np.load(str(path)))
+        elif suffix == ".json":
+            v = torch.tensor(json.loads(path.read_text()), dtype=torch.float32)
+        else:
+            raise BadVectorError(
+                f"Unknown vector file type {suffix!r}.", "use .safetensors, .pt, .npy or .json."
+            )
+    except BadVectorError:
+        raise
+    except Exception as exc:
+        raise BadVectorError(f"Could not read a vector from {path}: {exc}", "check the file.") from exc
+    return v.float().reshape(-1, v.shape[-1])[0] if v.dim() > 1 else v.float()
+
+
+def register(app: typer.Typer) -> None:
+    model_app = typer.Typer(help="Inspect the target model.", no_args_is_help=True)
+    app.add_typer(model_app, name="model")
+
+    @model_app.command("info")
+    def info(model: Optional[str] = ModelOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+        """Architecture, size, default NLA layer and checkpoint of a model."""
+        h = load_model(model)
+        n_params = sum(p.numel() for p in h.hf_model.parameters())
+        ckpt = _default_checkpoint() if is_embedded(h.name) else None
+        data = {
+            "name": h.name,
+            "architecture": type(h.hf_model).__name__,
+            "n_layers": h.n_layers,
+            "d_model": h.d_model,
+            "vocab_size": len(h.tokenizer),
+            "parameters": n_params,
+            "dtype": str(h.dtype).replace("torch.", ""),
+            "device": str(h.device),
+            "default_nla_layer": default_layer(h.n_layers),
+            "activation_site": f"blocks.{default_layer(h.n_layers)}.resid_post",
+            "nla_checkpoint": str(ckpt) if ckpt else None,
+            "cache_dir": str(cache_dir()),
+        }
+        if as_json:
+            print_json(data)
+            return
+        for k, v in data.items():
+            out.print(f"[bold]{k:>18}[/]  {v}")
+        if ckpt is None:
+            out.print("[yellow]no trained NLA checkpoint: `nla verbalize` runs an untrained verbalizer[/]")
+
+    @app.command("activations")
+    def activations(
+        text: str = typer.Argument(..., help="Text to run through the model."),
+        layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Block index K (default: 2/3 depth)."),
+        positions: Optional[str] = typer.Option(None, "--positions", "-p", help="Comma-separated token positions (negative from the end); default all."),
+        chat: bool = typer.Option(False, "--chat", help="Send TEXT as a user turn through the chat template."),
+        save: Optional[Path] = typer.Option(None, "--save", help="Write the vectors to this .safetensors file."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON with the full vectors."),
+        model: Optional[str] = ModelOpt,
+    ) -> None:
+        """Residual stream after block K (`blocks.K.resid_post`) at chosen positions."""
+        h = load_model(model)
+        layer = default_layer(h.n_layers) if layer is None else layer
+        pos = _parse_positions(positions)
+        item = [{"role": "user", "content": text}] if chat else text
+        acts = read_activations(h, [item], layer, positions=pos, add_generation_prompt=chat)
+        vecs, idx, toks = acts.vectors[0], acts.positions[0], acts.tokens[0]
+        if save is not None:
+            from safetensors.torch import save_file
+
+            save_file({"activations": vecs.contiguous()}, str(save))
+            console.print(f"saved {tuple(vecs.shape)} to {save}")
+        if as_json:
+            print_json({
+                "model": h.name, "layer": layer, "site": acts.site,
+                "positions": [{"position": p, "token": toks[p], "norm": float(v.norm()), "vector": v.tolist()}
+                              for p, v in zip(idx, vecs)],
+            })
+            return
+        out.print(f"[bold]{acts.site}[/] of {h.name}, {len(toks)} tokens")
+        for p, v in zip(idx, vecs):
+            head = ", ".join(f"{x:+.2f}" for x in v[:6].tolist())
+            out.print(f"{p:>5} {toks[p]!r:>16}  norm {float(v.norm()):8.2f}  [{head}, ...]")
+
+    @app.command("verbalize")
+    def verbalize(
+        text: str = typer.Argument(..., help="Text whose activation to explain."),
+        position: int = typer.Option(-1, "--position", "-p", help="Token position (negative from the end)."),
+        layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Block index (must match the checkpoint)."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="NLA checkpoint folder (ours, or a released AV folder)."),
+        critic: Optional[Path] = typer.Option(None, "--critic", help="Released AR folder, when not beside the AV folder."),
+        samples: int = typer.Option(1, "--samples", "-n", min=1, max=16, help="Explanations to sample."),
+        max_new_tokens: int = typer.Option(96, "--max-new-tokens", min=1, max=512),
+        chat: bool = typer.Option(False, "--chat", help="Send TEXT as a user turn through the chat template."),
+        as_json: bool = typer.Option(False, "--json"),
+        model: Optional[str] = ModelOpt,
+    ) -> None:
+        """Explain the activation at one token in words, and score the explanation by
+        reconstructing the activation from it."""
+        h = load_model(model)
+        nla = load_nla_for_cli(h, checkpoint, critic, layer)
+        item = [{"role": "user", "content": text}] if chat else text
+        acts = read_activations(h, [item], nla.layer, positions=[position], add_generation_prompt=chat)
+        vec = acts.vectors[0]
+        p = acts.positions[0][0]
+        verbs = nla.verbalize(vec, n_samples=samples, max_new_tokens=max_new_tokens)
+        recon = nla.reconstruct_explanations([v.text for v in verbs])
+        cos = torch.nn.functional.cosine_similarity(recon, vec.expand_as(recon), dim=-1)
+        data = {
+            "model": h.name, "nla": nla.source, "trained": nla.trained, "layer": nla.layer,
+            "site": acts.site, "position": p, "token": acts.tokens[0][p],
+            "explanations": [
+                {"text": v.text, "has_tag": v.has_tag, "reconstruction_cosine": round(float(c), 4)}
+                for v, c in zip(verbs, cos)
+            ],
+        }
+        if not nla.trained:
+            data["note"] = UNTRAINED_NOTE
+        if as_json:
+            print_json(data)
+            return
+        if not nla.trained:
+            console.print(f"[bold yellow]{UNTRAINED_NOTE}[/]")
+        out.print(f"[bold]{acts.site}[/] at position {p} ({acts.tokens[0][p]!r}), NLA: {nla.source}")
+        for i, e in enumerate(data["explanations"]):
+            out.print(f"[{i}] (reconstruction cosine {e['reconstruction_cosine']:+.3f}) {e['text']}")
+
+    @app.command("steer")
+    def steer(
+        prompt: str = typer.Argument(..., help="User message to answer."),
+        with_: str = typer.Option(..., "--with", "-w", help="A sentence (reconstructed into a vector by the AR) or a vector file (.safetensors/.pt/.npy/.json)."),
+        strength: float = typer.Option(0.3, "--strength", "-s", help="Added norm as a multiple of the prompt's median residual norm."),
+        layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Block to steer after (default: the NLA's layer)."),
+        max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, max=512),
+        n: int = typer.Option(1, "--n", min=1, max=16, help="Generations per side."),
+        temperature: float = typer.Option(0.0, "--temperature", min=0.0),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
+        critic: Optional[Path] = typer.Option(None, "--critic"),
+        as_json: bool = typer.Option(False, "--json"),
+        model: Optional[str] = ModelOpt,
+    ) -> None:
+        """Generate with a vector (or a sentence's reconstruction) added to the residual stream,
+        beside the unsteered generation."""
+        h = load_model(model)
+        nla = load_nla_for_cli(h, checkpoint, critic, None)
+        if not prompt.strip():
+            raise EmptyInputError("The prompt is empty.", "pass a user message.")
+        candidate = Path(with_)
+        vector = read_vector_file(candidate) if candidate.suffix.lower() in {".safetensors", ".pt", ".npy", ".json"} else with_
+        r = nla.steer(prompt, vector, layer=layer, strength=strength, max_new_tokens=max_new_tokens,
+                      n=n, temperature=temperature)
+        data = {"prompt": r.prompt, "layer": r.layer, "strength": r.strength, "added_norm": r.added_norm,
+                "steered_with": with_, "ar_trained": nla.trained, "steered": r.steered, "unsteered": r.unsteered}
+        if as_json:
+            print_json(data)
+            return
+        if not nla.trained and isinstance(vector, str):
+            console.print("[yellow]The sentence was turned into a vector by an UNTRAINED reconstructor.[/]")
+        out.print(f"[bold]steered[/] (block {r.layer}, strength {r.strength}, added norm {r.added_norm:.1f}):")
+        for s in r.steered:
+            out.print(f"  {s}")
+        out.print("[bold]unsteered[/]:")
+        for s in r.unsteered:
+            out.print(f"  {s}")
+
+    @app.command("perf")
+    def perf(
+        quick: bool = typer.Option(False, "--quick", help="Fewer repeats (a smoke run)."),
+        model: Optional[str] = ModelOpt,
+    ) -> None:
+        """Measure, in one run: early-exit activation reads vs a full forward; batched vs
+        one-by-one verbalization; memory of target+AV+AR with shared weights vs three copies."""
+        from nla_core.perf import run_perf
+
+        run_perf(model, quick=quick, printer=out.print)
+
+
+def _parse_positions(spec: Optional[str]) -> Optional[list[int]]:
+    if spec is None or not spec.strip():
+        return None
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError as exc:
+        raise BadVectorError(f"--positions {spec!r} is not a comma-separated list of integers.", "e.g. --positions 0,5,-1") from exc
