@@ -36,8 +36,10 @@ def generate_ids(
     adapter: str | None = None,
     hooks: Callable[[Sequence[int]], contextlib.AbstractContextManager] | None = None,
     seed: int | None = None,
+    stop: Sequence[str] | None = None,
 ) -> list[Generation]:
-    """Continue each prompt (token ids). `temperature == 0` is greedy.
+    """Continue each prompt (token ids). `temperature == 0` is greedy. A row ends at EOS or
+    right after any `stop` string (kept in the text).
 
     `hooks(rows)` returns a context manager installed for the batch made of prompt indices
     `rows` (e.g. the AV's marker injection, which needs that batch's vectors).
@@ -61,6 +63,8 @@ def generate_ids(
         )
         if temperature > 0:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        if stop:
+            kwargs.update(stop_strings=list(stop), tokenizer=tok)
         ctx = hooks(rows) if hooks is not None else contextlib.nullcontext()
         with handle.use_adapter(adapter), ctx:
             seqs = handle.model.generate(**kwargs)

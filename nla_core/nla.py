@@ -24,6 +24,7 @@ from .activations import TextOrChat, encode, forward_to_layer, pad_batch
 from .checkpoint import (
     ACTOR_ROLES,
     CRITIC_ROLES,
+    EXPLANATION_CLOSE,
     NLAMeta,
     actor_prompt_ids,
     extract_explanation,
@@ -319,7 +320,7 @@ class NLA:
 
         gens = generate_ids(
             self.av, [prompt] * len(order), max_new_tokens=max_new_tokens, temperature=temperature,
-            batch_size=batch_size, adapter=self.av_adapter, hooks=hooks, seed=seed,
+            batch_size=batch_size, adapter=self.av_adapter, hooks=hooks, seed=seed, stop=[EXPLANATION_CLOSE],
         )
         out = []
         for (i, s), g in zip(order, gens):
@@ -335,7 +336,9 @@ class NLA:
             raise EmptyInputError("No texts to reconstruct.", "pass at least one explanation.")
         tok = self.ar.tokenizer
         # With the tokenizer's special tokens (BOS where it has one), as the released AR was trained.
-        return [tok.encode(self.meta.critic_template.format(explanation=t.strip()), add_special_tokens=True) for t in texts]
+        ids = [tok.encode(self.meta.critic_template.format(explanation=t.strip()), add_special_tokens=True) for t in texts]
+        # A bare "{explanation}" template with an empty text (and no BOS) gives no tokens at all.
+        return [r or [tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id] for r in ids]
 
     def predict(self, texts: Sequence[str]) -> torch.Tensor:
         """AR forward [n, d] with autograd (training calls this under the AR adapter)."""

@@ -1,0 +1,1 @@
+"""One file per policy; each registers itself with `agents.policy.register_policy`."""

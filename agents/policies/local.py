@@ -1,0 +1,246 @@
+"""`local`: a local Hugging Face chat model that calls tools through its chat template
+(e.g. Qwen2.5-7B-Instruct on a GPU).
+
+The tool definitions go through `apply_chat_template(..., tools=...)` when the template knows
+about tools (Qwen2.5, Llama 3.x, Hermes-style templates); otherwise they are written into the
+system prompt with the same `<tool_call>{"name": ..., "arguments": ...}</tool_call>` convention.
+Replies are parsed robustly: `<tool_call>` blocks, fenced JSON, bare JSON objects, Python-style
+dicts, trailing commas, `parameters` instead of `arguments`, arguments given as a JSON string,
+several calls in one reply. Anything that looks like a call but cannot be parsed comes back as
+a malformed action (fed back to the model as an error, counted and bounded by the graph).
+
+The conversation lives in `policy_state["messages"]`, so a resumed run continues it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from ..policy import FINISH, Decision, PolicyView, memory_digest, register_policy
+
+__all__ = ["LocalPolicy", "parse_tool_calls", "DEFAULT_LOCAL_MODEL"]
+
+DEFAULT_LOCAL_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+FENCE = re.compile(r"```(?:json|tool_call|python)?\s*(\{.*?\})\s*```", re.S)
+
+TOOLS_IN_PROMPT = """\
+
+# Tools
+
+You may call one or more functions. Function signatures (JSON schema):
+<tools>
+{tools}
+</tools>
+
+For each call, write a JSON object with the function name and arguments inside <tool_call></tool_call> tags:
+<tool_call>
+{{"name": "<function-name>", "arguments": {{...}}}}
+</tool_call>"""
+
+
+def _loads(text: str) -> Any:
+    """JSON, or the forms small models write instead (Python literals, trailing commas)."""
+    text = text.strip()
+    for attempt in (text, re.sub(r",\s*([}\]])", r"\1", text)):
+        try:
+            return json.loads(attempt)
+        except json.JSONDecodeError:
+            pass
+    try:
+        return ast.literal_eval(re.sub(r"\btrue\b", "True", re.sub(r"\bfalse\b", "False", re.sub(r"\bnull\b", "None", text))))
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise ValueError(f"not valid JSON: {text[:200]!r}") from None
+
+
+def _balanced_objects(text: str) -> list[str]:
+    """Top-level {...} spans (string-aware brace matching)."""
+    out, depth, start, in_str, esc, quote = [], 0, None, False, False, ""
+    for i, ch in enumerate(text):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == quote:
+                in_str = False
+            continue
+        if ch in "\"'" and depth > 0:
+            in_str, quote = True, ch
+        elif ch == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == "}" and depth > 0:
+            depth -= 1
+            if depth == 0 and start is not None:
+                out.append(text[start : i + 1])
+    return out
+
+
+def _as_call(obj: Any) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ValueError("a tool call must be a JSON object with `name` and `arguments`")
+    if "function" in obj and isinstance(obj["function"], dict):  # OpenAI style
+        obj = obj["function"]
+    name = obj.get("name") or obj.get("tool") or obj.get("tool_name")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("the tool call has no `name`")
+    args = obj.get("arguments", obj.get("parameters", obj.get("args", obj.get("input", {}))))
+    if isinstance(args, str):
+        args = _loads(args) if args.strip() else {}
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ValueError(f"the arguments of {name} must be a JSON object")
+    return {"tool": name.strip(), "args": args}
+
+
+def parse_tool_calls(text: str, known: set[str] | None = None) -> tuple[list[dict[str, Any]], str]:
+    """(actions, remaining text). Each action is `{"tool", "args"}` or `{"error"}`."""
+    actions: list[dict[str, Any]] = []
+    blocks = TOOL_CALL.findall(text)
+    rest = TOOL_CALL.sub("", text)
+    if not blocks:
+        blocks = FENCE.findall(text)
+        rest = FENCE.sub("", text) if blocks else text
+    if not blocks:
+        # bare JSON objects that look like calls
+        for span in _balanced_objects(text):
+            if re.search(r"[\"']name[\"']\s*:", span) or re.search(r"[\"']function[\"']\s*:", span):
+                blocks.append(span)
+                rest = rest.replace(span, "")
+    for b in blocks:
+        body = b.strip()
+        spans = _balanced_objects(body) or [body]
+        for span in spans:
+            try:
+                call = _as_call(_loads(span))
+            except ValueError as exc:
+                actions.append({"tool": "?", "args": {}, "error": f"{exc}. Write <tool_call>{{\"name\": ..., "
+                                                                  f"\"arguments\": {{...}}}}</tool_call>."})
+                continue
+            if known is not None and call["tool"] not in known:
+                # a near miss such as "functions.chat" or "chat()" is fixed silently
+                tail = re.sub(r"\W+$", "", call["tool"].split(".")[-1])
+                if tail in known:
+                    call["tool"] = tail
+            actions.append(call)
+    return actions, rest.strip()
+
+
+@register_policy("local")
+class LocalPolicy:
+    name = "local"
+
+    def __init__(self, model: str | None = None, *, generate: Callable[[list[dict], list[dict]], str] | None = None,
+                 max_new_tokens: int = 1024, temperature: float = 0.0, device: str | None = None,
+                 dtype: str = "auto"):
+        """`generate(messages, tools) -> str` replaces the HF model (tests, other backends)."""
+        self.model_name = model or DEFAULT_LOCAL_MODEL
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.device = device
+        self.dtype = dtype
+        self._generate = generate
+        self._model: Any = None
+        self._tok: Any = None
+
+    # ---- the model ------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from nla_core.errors import ModelNotFoundError
+
+        try:
+            self._tok = AutoTokenizer.from_pretrained(self.model_name)
+            dev = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self._model = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=self.dtype).to(dev).eval()
+        except OSError as exc:
+            raise ModelNotFoundError(f"Cannot load the local policy model {self.model_name!r}: {exc}",
+                                     "pass --policy-model with a local path or a cached HF model id.") from None
+
+    def _template_knows_tools(self) -> bool:
+        tpl = getattr(self._tok, "chat_template", None) or ""
+        return "tools" in tpl
+
+    def render(self, messages: list[dict], tools: list[dict]) -> str:
+        """The prompt text for `messages` with `tools` (OpenAI-style function schemas)."""
+        if self._template_knows_tools():
+            return self._tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        msgs = [dict(m) for m in messages]
+        listing = "\n".join(json.dumps(t) for t in tools)
+        # templates without tool support: tool results become user turns
+        for m in msgs:
+            if m["role"] == "tool":
+                m["role"], m["content"] = "user", f"<tool_response>\n{m['content']}\n</tool_response>"
+        msgs[0] = {"role": "system", "content": msgs[0]["content"] + TOOLS_IN_PROMPT.format(tools=listing)}
+        return self._tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    def generate(self, messages: list[dict], tools: list[dict]) -> str:
+        if self._generate is not None:
+            return self._generate(messages, tools)
+        import torch
+
+        self._load()
+        text = self.render(messages, tools)
+        ids = self._tok(text, return_tensors="pt", add_special_tokens=False).to(self._model.device)
+        kw: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
+                                  pad_token_id=self._tok.pad_token_id or self._tok.eos_token_id)
+        if self.temperature > 0:
+            kw["temperature"] = self.temperature
+        with torch.no_grad():
+            out = self._model.generate(**ids, **kw)
+        self._last_usage = (int(ids["input_ids"].shape[1]), int(out.shape[1] - ids["input_ids"].shape[1]))
+        return self._tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    # ---- the protocol ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def tools_param(view: PolicyView) -> list[dict]:
+        return [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                  "parameters": t.input_schema}} for t in view.tools]
+
+    def decide(self, view: PolicyView) -> Decision:
+        messages: list[dict] = list(view.policy_state.get("messages", []))
+        if not messages:
+            messages = [{"role": "system", "content": view.system_prompt}, {"role": "user", "content": view.task}]
+        else:
+            pending_refs = view.policy_state.get("pending_refs", [])
+            for ref in pending_refs:
+                rec = next((c for c in reversed(view.calls) if c.get("ref") == ref), None)
+                messages.append({"role": "tool", "name": (rec or {}).get("tool", "?"),
+                                 "content": (rec or {}).get("text") or "error: this call was not executed."})
+            if not pending_refs:
+                messages.append({"role": "user", "content": "Continue the audit: call a tool inside <tool_call> tags, "
+                                                            f"or call {FINISH} to end."})
+        b = view.budget_left
+        note = (f"[budget left: {int(b['tool_calls'])} tool calls, {int(b['generated_tokens'])} tokens, "
+                f"{int(b['seconds'])} s]")
+        turn = sum(1 for m in messages if m["role"] == "assistant")
+        if turn and turn % 8 == 0:
+            note = memory_digest(view) + "\n" + note
+        if view.final:
+            note = memory_digest(view) + (f"\nThe budget is spent. Call {FINISH} now with at most "
+                                          f"{view.max_hypotheses} hypotheses (or nothing_found=true).")
+        messages.append({"role": "user", "content": note})
+        self._last_usage = (0, 0)
+        reply = self.generate(messages, self.tools_param(view))
+        actions, text = parse_tool_calls(reply, set(view.tool_names))
+        if view.final:
+            actions = [a for a in actions if a.get("tool") == FINISH] or actions
+        step = view.step
+        for i, a in enumerate(actions):
+            a["id"] = f"l{step}.{i}"
+        messages.append({"role": "assistant", "content": reply})
+        usage = {"llm_calls": 1, "llm_input_tokens": self._last_usage[0], "llm_output_tokens": self._last_usage[1]}
+        return Decision(actions, state={"messages": messages, "pending_refs": [a["id"] for a in actions]},
+                        usage=usage, thought=text or None)

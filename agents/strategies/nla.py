@@ -1,0 +1,14 @@
+"""`nla`: every tool, including the NLA's verbalize / reconstruct / steer."""
+
+from . import Strategy, register_strategy
+
+NLA = register_strategy(Strategy(
+    name="nla",
+    tool_set="nla",
+    description="behavioural tools plus the NLA (read activations as text, reconstruct, steer)",
+    extra_prompt=(
+        "You can also read the target's activations as natural language with the NLA tools: "
+        "verbalize an activation into an explanation, reconstruct an explanation into an activation, "
+        "and steer the target with a sentence. Explanations are noisy: trust what recurs across prompts."
+    ),
+))

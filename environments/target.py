@@ -1,0 +1,517 @@
+"""The live `Target`: the only object an auditor-side component receives.
+
+It runs one model organism on a shared `ModelHandle`: multi-turn chat with conversation ids,
+prefill of the assistant turn, n samples at a temperature, user-turn sampling, raw completion
+without the chat template, activations at the NLA's layer and steering. How the behaviour is
+planted (a hidden system prompt, a LoRA adapter, a residual implant) lives in a private runtime
+object whose repr is redacted; the ground truth is never given to the Target at all.
+
+Positions and tokens of `activations` index the *visible* conversation only: the hidden system
+block (the organism's prompt, or the template's default one) is run but not shown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from pydantic import BaseModel
+
+from nla_core.activations import Activations, forward_to_layer, pad_batch
+from nla_core.errors import NLAError
+from nla_core.generation import generate_ids
+from nla_core.hooks import resid_site
+from nla_core.models import ModelHandle
+from nla_core.nla import steered_generations
+
+from .errors import TargetError, UnknownConversationError
+
+__all__ = ["Target", "ChatTurn", "Completion", "Message", "Planted", "build_target", "chat_layout"]
+
+Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+_ROLES = {"system", "user", "assistant"}
+_SENTINEL = "\u2063\u2063NLA_SPLIT\u2063\u2063"
+_MAX_NEW_TOKENS = 512
+_MAX_SAMPLES = 64
+
+
+class ChatTurn(BaseModel):
+    conversation_id: str
+    reply: str
+    n_tokens: int
+
+
+class Completion(BaseModel):
+    text: str  # the generated continuation (a prefill is not repeated here)
+    n_tokens: int
+
+
+@dataclass(repr=False, eq=False)
+class Planted:
+    """What a builder plants, as the Target needs it at run time. Private to the Target.
+
+    system_prompt: hidden system message (None: the chat template's default one, if any).
+    adapter: name of a LoRA adapter already loaded on the handle (None: adapters off).
+    implant: `implant(visible_texts) -> context manager` installed around every forward pass of
+      a batch whose rows hold those visible conversations (for example a vector added to the
+      residual stream; a conditional implant inspects each row's text).
+    raw_prefix: hidden text put before raw completions (a system-prompted organism's block).
+    secrets: strings scrubbed from any error message that reaches the auditor.
+    """
+
+    system_prompt: str | None = None
+    adapter: str | None = None
+    implant: Callable[[Sequence[str]], contextlib.AbstractContextManager] | None = None
+    raw_prefix: str | None = None
+    secrets: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return "Planted(<hidden>)"
+
+    __str__ = __repr__
+
+
+# ---------------------------------------------------------------------------------------------
+# chat rendering: hidden system block + visible conversation
+
+
+def _default_system(tokenizer: Any) -> str | None:
+    """The system prompt a chat template inserts when none is given (SmolLM2 has one), or None."""
+    try:
+        plain = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False)
+        marked = tokenizer.apply_chat_template(
+            [{"role": "system", "content": "\x00SYS\x00"}, {"role": "user", "content": _SENTINEL}], tokenize=False
+        )
+    except Exception:  # templates without a system role
+        return None
+    before, _, after = marked.partition("\x00SYS\x00")
+    after = after.split(_SENTINEL)[0]
+    if not plain.startswith(before):
+        return None
+    rest = plain[len(before):]
+    end = rest.find(after)
+    if end <= 0:
+        return None
+    default = rest[:end]
+    again = tokenizer.apply_chat_template(
+        [{"role": "system", "content": default}, {"role": "user", "content": _SENTINEL}], tokenize=False
+    )
+    return default if again == plain else None
+
+
+@dataclass
+class ChatLayout:
+    """Token ids of one rendered conversation split into the hidden prefix and the visible part."""
+
+    hidden: list[int]
+    visible: list[int]
+
+    @property
+    def ids(self) -> list[int]:
+        return self.hidden + self.visible
+
+
+def chat_layout(
+    tokenizer: Any,
+    system_prompt: str | None,
+    messages: Sequence[Message],
+    *,
+    mode: str = "generate",
+) -> ChatLayout:
+    """Render `messages` after a hidden system block. `mode`: "generate" (assistant prompt
+    appended), "continue" (the last assistant message is left open), "user" (a user turn is
+    opened for the model to write), "plain" (nothing appended)."""
+    msgs = [dict(role=m["role"], content=m["content"]) for m in messages]
+    if mode == "continue":
+        msgs[-1]["content"] = msgs[-1]["content"] + _SENTINEL
+    elif mode == "user":
+        msgs.append({"role": "user", "content": _SENTINEL})
+    system = system_prompt if system_prompt is not None else _default_system(tokenizer)
+    if system is not None:
+        head = [{"role": "system", "content": system}]
+        prefix = tokenizer.apply_chat_template(head, tokenize=False)
+        full = tokenizer.apply_chat_template(head + msgs, tokenize=False, add_generation_prompt=mode == "generate")
+        if not full.startswith(prefix):
+            raise TargetError(
+                "This model's chat template cannot keep a system block separate from the conversation.",
+                "use an organism without a hidden system prompt on this model.",
+            )
+    else:
+        prefix = ""
+        full = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=mode == "generate")
+    rest = full[len(prefix):]
+    if mode in ("continue", "user"):
+        rest = rest.split(_SENTINEL)[0]
+    enc = functools.partial(tokenizer.encode, add_special_tokens=False)
+    return ChatLayout(enc(prefix) if prefix else [], enc(rest))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _guarded(method):
+    """Re-raise every failure of a public Target method as an error whose text names no hidden
+    state, with the exception chain cut (tracebacks could otherwise carry it)."""
+
+    @functools.wraps(method)
+    def wrapper(self: "Target", *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except NLAError as exc:
+            problem, fix = self._scrub(exc.problem), self._scrub(exc.fix) if exc.fix else exc.fix
+            cls = type(exc) if isinstance(exc, TargetError) else TargetError
+            raise cls(problem, fix) from None
+        except (TypeError, ValueError) as exc:
+            raise TargetError(
+                f"Bad arguments to {method.__name__}: {self._scrub(str(exc))}",
+                "check the argument types (messages are {'role': ..., 'content': ...} dicts).",
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - anything else: name only its type
+            raise TargetError(
+                f"The target failed during {method.__name__} ({type(exc).__name__}).",
+                "retry with shorter input; report a bug if it persists.",
+            ) from None
+
+    return wrapper
+
+
+class Target:
+    """A model organism as an auditor sees it. Build with `build_target(spec, handle, alias=,
+    layer=)`. Every method raises `TargetError` (an `NLAError`) for bad input."""
+
+    __slots__ = ("_alias", "_layer", "_handle", "_planted", "_conversations", "_ids", "_seed")
+
+    def __init__(self, handle: ModelHandle, planted: Planted, *, alias: str, layer: int, seed: int = 0):
+        handle.check_layer(layer)
+        self._alias = str(alias)
+        self._layer = int(layer)
+        self._handle = handle
+        self._planted = planted
+        self._conversations: dict[str, list[Message]] = {}
+        self._ids = itertools.count(1)
+        self._seed = itertools.count(seed * 100_003)
+
+    # ---- what the auditor may know ------------------------------------------------------------
+
+    @property
+    def alias(self) -> str:
+        return self._alias
+
+    @property
+    def layer(self) -> int:
+        return self._layer
+
+    @property
+    def d_model(self) -> int:
+        return self._handle.d_model
+
+    @property
+    def n_layers(self) -> int:
+        return self._handle.n_layers
+
+    def __repr__(self) -> str:
+        return f"Target(alias={self._alias!r}, layer={self._layer}, d_model={self.d_model})"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        raise TypeError("A Target cannot be pickled or copied.")
+
+    def __copy__(self):
+        raise TypeError("A Target cannot be pickled or copied.")
+
+    def __deepcopy__(self, memo):
+        raise TypeError("A Target cannot be pickled or copied.")
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        for s in sorted(self._planted.secrets, key=len, reverse=True):
+            if s and len(s) >= 3:
+                text = re.sub(re.escape(s), "[hidden]", text, flags=re.IGNORECASE)
+        return text
+
+    def _next_seed(self, seed: int | None) -> int:
+        return next(self._seed) if seed is None else int(seed)
+
+    @contextlib.contextmanager
+    def _active(self, visible_text: str) -> Iterator[None]:
+        """The organism switched on: its adapter (or none) and its implant."""
+        implant = self._planted.implant
+        ctx = implant([visible_text]) if implant is not None else contextlib.nullcontext()
+        with self._handle.use_adapter(self._planted.adapter), ctx:
+            yield
+
+    def _check_messages(self, messages: Any, *, allow_final_assistant: bool = True) -> list[Message]:
+        if isinstance(messages, dict):
+            messages = [messages]
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise TargetError("The conversation is empty.", "pass at least one message.")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+                raise TargetError(
+                    f"Message {i} is not a {{'role': 'system'|'user'|'assistant', 'content': str}} dict.",
+                    "pass messages like {'role': 'user', 'content': 'Hello'}.",
+                )
+            out.append({"role": m["role"], "content": m["content"]})
+        if all(not m["content"].strip() for m in out):
+            raise TargetError("Every message is empty.", "pass at least one message with content.")
+        if not allow_final_assistant and out[-1]["role"] == "assistant":
+            raise TargetError("The conversation ends with an assistant turn.", "end it with a user message.")
+        return out
+
+    @staticmethod
+    def _check_text(text: Any, what: str = "message") -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise TargetError(f"The {what} is empty.", f"pass a non-empty {what}.")
+        return text
+
+    @staticmethod
+    def _check_gen(max_new_tokens: Any, temperature: Any, n: Any = 1) -> tuple[int, float, int]:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not 1 <= max_new_tokens <= _MAX_NEW_TOKENS:
+            raise TargetError(f"max_new_tokens={max_new_tokens!r} is out of range.", f"use 1..{_MAX_NEW_TOKENS}.")
+        try:
+            t = float(temperature)
+        except (TypeError, ValueError):
+            t = float("nan")
+        if not 0.0 <= t <= 5.0:
+            raise TargetError(f"temperature={temperature!r} is out of range.", "use 0 (greedy) to 5.")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= _MAX_SAMPLES:
+            raise TargetError(f"n={n!r} is out of range.", f"use 1..{_MAX_SAMPLES}.")
+        return max_new_tokens, t, n
+
+    def _layout(self, messages: Sequence[Message], mode: str) -> ChatLayout:
+        return chat_layout(self._handle.tokenizer, self._planted.system_prompt, messages, mode=mode)
+
+    @staticmethod
+    def _visible_text(messages: Sequence[Message]) -> str:
+        return "\n".join(m["content"] for m in messages)
+
+    def _generate(self, ids: list[int], visible_text: str, *, n: int, max_new_tokens: int,
+                  temperature: float, seed: int | None) -> list[Completion]:
+        implant = self._planted.implant
+
+        def hooks(rows):
+            return implant([visible_text] * len(rows)) if implant is not None else contextlib.nullcontext()
+
+        gens = generate_ids(
+            self._handle, [ids] * n, max_new_tokens=max_new_tokens, temperature=temperature,
+            adapter=self._planted.adapter, hooks=hooks, seed=self._next_seed(seed),
+        )
+        return [Completion(text=g.text, n_tokens=g.n_tokens) for g in gens]
+
+    def _replies(self, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
+                 seed: int = 0, batch_size: int = 12) -> list[str]:
+        """One reply per single-turn prompt, batched (measurement use; not part of the auditor API)."""
+        msgs = [[{"role": "user", "content": p}] for p in prompts]
+        ids = [self._layout(m, "generate").ids for m in msgs]
+        implant = self._planted.implant
+
+        def hooks(rows):
+            if implant is None:
+                return contextlib.nullcontext()
+            return implant([prompts[i] for i in rows])
+
+        gens = generate_ids(self._handle, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                            adapter=self._planted.adapter, hooks=hooks, seed=seed, batch_size=batch_size)
+        return [g.text for g in gens]
+
+    def _conversation(self, conversation_id: str) -> list[Message]:
+        if conversation_id not in self._conversations:
+            known = ", ".join(sorted(self._conversations)[-10:]) or "none yet"
+            raise UnknownConversationError(
+                f"No conversation with id {conversation_id!r} on {self._alias}.",
+                f"start one by calling chat without conversation_id (known ids: {known}).",
+            )
+        return self._conversations[conversation_id]
+
+    def _new_conversation(self) -> str:
+        cid = f"conv-{next(self._ids)}"
+        self._conversations[cid] = []
+        return cid
+
+    # ---- behavioural surface ------------------------------------------------------------
+
+    @_guarded
+    def chat(self, message: str, conversation_id: str | None = None, *, max_new_tokens: int = 96,
+             temperature: float = 0.0, seed: int | None = None) -> ChatTurn:
+        """Send one user message (a new conversation, or the next turn of `conversation_id`)."""
+        self._check_text(message)
+        max_new_tokens, temperature, _ = self._check_gen(max_new_tokens, temperature)
+        history = self._conversation(conversation_id) if conversation_id is not None else []
+        msgs = history + [{"role": "user", "content": message}]
+        layout = self._layout(msgs, "generate")
+        out = self._generate(layout.ids, self._visible_text(msgs), n=1, max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=seed)[0]
+        cid = conversation_id if conversation_id is not None else self._new_conversation()
+        self._conversations[cid] = msgs + [{"role": "assistant", "content": out.text}]
+        return ChatTurn(conversation_id=cid, reply=out.text, n_tokens=out.n_tokens)
+
+    @_guarded
+    def prefill(self, message: str, prefill: str, *, conversation_id: str | None = None,
+                max_new_tokens: int = 96, temperature: float = 0.0, seed: int | None = None) -> Completion:
+        """Put words in the assistant's mouth and let it continue. With `conversation_id`, the
+        exchange is appended to that conversation."""
+        self._check_text(message)
+        self._check_text(prefill, "prefill")
+        max_new_tokens, temperature, _ = self._check_gen(max_new_tokens, temperature)
+        history = self._conversation(conversation_id) if conversation_id is not None else []
+        msgs = history + [{"role": "user", "content": message}, {"role": "assistant", "content": prefill}]
+        layout = self._layout(msgs, "continue")
+        out = self._generate(layout.ids, self._visible_text(msgs), n=1, max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=seed)[0]
+        if conversation_id is not None:
+            msgs[-1] = {"role": "assistant", "content": prefill + out.text}
+            self._conversations[conversation_id] = msgs
+        return out
+
+    @_guarded
+    def sample(self, message_or_messages: str | Sequence[Message], n: int = 4, temperature: float = 1.0,
+               max_new_tokens: int = 64, *, seed: int | None = None) -> list[Completion]:
+        """n independent assistant replies. A conversation ending with an assistant message is
+        continued from that message (a prefill)."""
+        if isinstance(message_or_messages, str):
+            msgs = [{"role": "user", "content": self._check_text(message_or_messages)}]
+        else:
+            msgs = self._check_messages(message_or_messages)
+        max_new_tokens, temperature, n = self._check_gen(max_new_tokens, temperature, n)
+        mode = "continue" if msgs[-1]["role"] == "assistant" else "generate"
+        layout = self._layout(msgs, mode)
+        return self._generate(layout.ids, self._visible_text(msgs), n=n, max_new_tokens=max_new_tokens,
+                              temperature=temperature, seed=seed)
+
+    @_guarded
+    def sample_user(self, messages: Sequence[Message], n: int = 4, temperature: float = 1.0,
+                    max_new_tokens: int = 64, *, seed: int | None = None) -> list[Completion]:
+        """n samples of the *user's* next turn (the model writes as the user)."""
+        msgs = self._check_messages(messages)
+        max_new_tokens, temperature, n = self._check_gen(max_new_tokens, temperature, n)
+        layout = self._layout(msgs, "user")
+        return self._generate(layout.ids, self._visible_text(msgs), n=n, max_new_tokens=max_new_tokens,
+                              temperature=temperature, seed=seed)
+
+    @_guarded
+    def complete(self, text: str, max_new_tokens: int = 64, temperature: float = 0.0, *,
+                 seed: int | None = None) -> Completion:
+        """Continue raw text, without the chat template."""
+        self._check_text(text, "text")
+        max_new_tokens, temperature, _ = self._check_gen(max_new_tokens, temperature)
+        hidden, visible = self._raw_ids(text)
+        return self._generate(hidden + visible, text, n=1, max_new_tokens=max_new_tokens,
+                              temperature=temperature, seed=seed)[0]
+
+    def _raw_ids(self, text: str) -> tuple[list[int], list[int]]:
+        tok = self._handle.tokenizer
+        prefix = self._planted.raw_prefix
+        if prefix:
+            return tok.encode(prefix, add_special_tokens=True), tok.encode(text, add_special_tokens=False)
+        return [], tok.encode(text, add_special_tokens=True)
+
+    @_guarded
+    def conversation(self, conversation_id: str) -> list[Message]:
+        """The visible turns of a conversation (copies)."""
+        return [dict(m) for m in self._conversation(conversation_id)]
+
+    @property
+    def conversation_ids(self) -> list[str]:
+        return list(self._conversations)
+
+    # ---- activations and steering -----------------------------------------------------------
+
+    @_guarded
+    def activations(self, messages_or_text: Any, positions: Any = None, *,
+                    add_generation_prompt: bool = False, batch_size: int = 8) -> Activations:
+        """Residual stream after block `.layer` with the organism active. One input (a text or a
+        conversation) or a list of them. `positions`: None/"all", "last", an int or list of ints
+        (negative from the end) or one list per input, all indexing the visible tokens only."""
+        items = self._inputs(messages_or_text)
+        layouts: list[ChatLayout] = []
+        texts: list[str] = []
+        for item in items:
+            if isinstance(item, str):
+                hidden, visible = self._raw_ids(self._check_text(item, "text"))
+                layouts.append(ChatLayout(hidden, visible))
+                texts.append(item)
+            else:
+                msgs = self._check_messages(item)
+                layouts.append(self._layout(msgs, "generate" if add_generation_prompt else "plain"))
+                texts.append(self._visible_text(msgs))
+        pos = [_resolve_positions(positions, i, len(l.visible)) for i, l in enumerate(layouts)]
+        handle = self._handle
+        vectors: list[torch.Tensor] = []
+        with torch.no_grad():
+            for start in range(0, len(layouts), batch_size):
+                chunk = layouts[start:start + batch_size]
+                # one implant context per row: conditional implants depend on the row's text
+                for j, lay in enumerate(chunk):
+                    ids, mask = pad_batch([lay.ids], handle.tokenizer.pad_token_id)
+                    with self._active(texts[start + j]):
+                        resid = forward_to_layer(handle, ids, mask, self._layer)
+                    off = len(lay.hidden)
+                    vectors.append(resid[0, [off + p for p in pos[start + j]]].float().cpu())
+        token_ids = [l.visible for l in layouts]
+        tokens = [handle.tokenizer.convert_ids_to_tokens(r) for r in token_ids]
+        return Activations(self._layer, resid_site(self._layer), vectors, pos, token_ids, tokens)
+
+    @staticmethod
+    def _inputs(x: Any) -> list[Union[str, list[Message]]]:
+        if isinstance(x, str):
+            return [x]
+        if isinstance(x, dict):
+            return [[x]]
+        if isinstance(x, (list, tuple)) and x:
+            if all(isinstance(m, dict) for m in x):
+                return [list(x)]
+            return [i if isinstance(i, str) else list(i) for i in x]
+        raise TargetError("No input was given.", "pass a text, a conversation, or a list of them.")
+
+    @_guarded
+    def steer(self, message: str | Sequence[Message], vector: Any, layer: int | None = None,
+              strength: float = 0.3, max_new_tokens: int = 48, *, temperature: float = 0.0,
+              seed: int = 0) -> tuple[str, str]:
+        """(steered, unsteered) replies to `message` with `strength * unit(vector) * ||resid||`
+        added after block `layer` (default `.layer`), the organism active in both."""
+        if isinstance(message, str):
+            msgs = [{"role": "user", "content": self._check_text(message)}]
+        else:
+            msgs = self._check_messages(message, allow_final_assistant=False)
+        max_new_tokens, temperature, _ = self._check_gen(max_new_tokens, temperature)
+        layer = self._layer if layer is None else self._handle.check_layer(layer)
+        vec = torch.as_tensor(vector, dtype=torch.float32) if not isinstance(vector, torch.Tensor) else vector
+        if vec.dim() == 2 and vec.shape[0] == 1:
+            vec = vec[0]
+        layout = self._layout(msgs, "generate")
+        text = self._visible_text(msgs)
+        implant = self._planted.implant
+
+        def hooks(rows):
+            return implant([text] * len(rows)) if implant is not None else contextlib.nullcontext()
+
+        steered, plain, _ = steered_generations(
+            self._handle, layout.ids, vec, layer, float(strength), n=1, max_new_tokens=max_new_tokens,
+            temperature=temperature, adapter=self._planted.adapter, hooks=hooks, seed=seed,
+        )
+        return steered[0], plain[0]
+
+
+def _resolve_positions(spec: Any, index: int, length: int) -> list[int]:
+    from nla_core.activations import _resolve_positions as resolve
+
+    return resolve(spec, index, length)
+
+
+def build_target(spec, handle: ModelHandle, *, alias: str, layer: int, seed: int = 0) -> Target:
+    """Plant `spec`'s behaviour on `handle` (sharing its weights) and wrap it in a `Target`
+    that exposes only `alias`, `layer` and `d_model`."""
+    from .builders import plant
+
+    handle.check_layer(layer)
+    planted = plant(spec, handle)
+    return Target(handle, planted, alias=alias, layer=layer, seed=seed)

@@ -1,0 +1,212 @@
+"""`nla bench` (the main job), `nla report RUN`, `nla judge calibrate`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from nla_core.errors import NLAError
+
+from .common import console, out
+
+__all__ = ["register"]
+
+
+def _split(values: Optional[List[str]]) -> list[str]:
+    out_: list[str] = []
+    for v in values or []:
+        out_ += [x.strip() for x in v.split(",") if x.strip()]
+    return out_
+
+
+def _seeds(values: Optional[List[str]]) -> list[int]:
+    seeds: list[int] = []
+    for v in _split(values):
+        try:
+            if "-" in v[1:]:
+                a, b = v.split("-", 1)
+                seeds += list(range(int(a), int(b) + 1))
+            else:
+                seeds.append(int(v))
+        except ValueError:
+            raise NLAError(f"Bad seed {v!r}.", "Pass integers or ranges: --seeds 0,1 or --seeds 0-4.") from None
+    return seeds
+
+
+def _report_dir(db: Path, run_id: str) -> Path:
+    return db.parent / "reports" / run_id
+
+
+def register(app: typer.Typer) -> None:
+    judge_app = typer.Typer(help="The judge that scores hypotheses against ground truth.", no_args_is_help=True)
+    app.add_typer(judge_app, name="judge")
+
+    @app.command("bench")
+    def bench(
+        suite: str = typer.Option("default", "--suite", "-s", help="A built-in bench suite name or a suite YAML file."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the latest run of this suite (or --run-id), skipping finished audits."),
+        run_id: Optional[str] = typer.Option(None, "--run-id", help="Name of the run (default: SUITE-DATE-TIME)."),
+        policy: Optional[List[str]] = typer.Option(None, "--policy", "-p", help="Auditor policies (offline, claude, local, scripted); repeat or comma-separate."),
+        strategies: Optional[List[str]] = typer.Option(None, "--strategies", help="Strategies (nla, behavioural); comma-separated."),
+        seeds: Optional[List[str]] = typer.Option(None, "--seeds", help="Seeds: 0,1,2 or 0-4."),
+        organisms: Optional[List[str]] = typer.Option(None, "--organisms", help="Organism ids, or one organism suite name."),
+        organisms_dir: Optional[Path] = typer.Option(None, "--organisms-dir", help="A folder of your own organism specs."),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="Target model (HF name or path); default: the suite's (embedded)."),
+        judge: Optional[str] = typer.Option(None, "--judge", help="auto, offline or claude."),
+        db: Optional[Path] = typer.Option(None, "--db", help="Results database (default: results/bench.duckdb, or $NLA_AUDIT_RESULTS/bench.duckdb)."),
+        max_tool_calls: Optional[int] = typer.Option(None, "--max-tool-calls", help="Budget override: tool calls per audit."),
+        max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Budget override: tokens the target may generate per audit."),
+        max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Budget override: wall time per audit."),
+        workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, help="Audits in parallel processes (each loads the model once); default: the suite's."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (per worker); default: cores / workers."),
+        max_audits: Optional[int] = typer.Option(None, "--max-audits", min=1, help="Stop after this many audits (resume later)."),
+        no_report: bool = typer.Option(False, "--no-report", help="Do not write the HTML report at the end."),
+    ) -> None:
+        """Run the auditing-game benchmark: organisms x strategies x policies x seeds. Each finished
+        audit is judged and stored in DuckDB at once; a killed run continues with --resume."""
+        from ..report import load_run, rich_table, write_html
+        from ..runner import default_db_path, run_bench
+        from ..suite import load_bench_suite
+
+        t0 = time.monotonic()
+        s = load_bench_suite(suite)
+        upd: dict = {}
+        if _split(policy):
+            upd["policies"] = _split(policy)
+        if _split(strategies):
+            upd["strategies"] = _split(strategies)
+        if seeds:
+            upd["seeds"] = _seeds(seeds)
+        orgs = _split(organisms)
+        if orgs:
+            upd["organisms"] = orgs[0] if len(orgs) == 1 and "/" not in orgs[0] and _is_suite(orgs[0]) else orgs
+        if organisms_dir is not None:
+            upd["organisms_dir"] = str(organisms_dir)
+        if model is not None:
+            upd["model"] = model
+        if judge is not None:
+            upd["judge"] = judge
+        budget = dict(s.budget or {})
+        for k, v in (("max_tool_calls", max_tool_calls), ("max_generated_tokens", max_tokens), ("max_seconds", max_seconds)):
+            if v is not None:
+                budget[k] = v
+        if budget:
+            upd["budget"] = budget
+        if upd:
+            s = s.model_copy(update=upd)
+            s = type(s).model_validate(s.model_dump())
+        db_path = db or default_db_path()
+
+        def progress(event: str, info: dict) -> None:
+            if event == "start":
+                console.print(f"run [bold]{info['run_id']}[/]: {info['cells']} audits, {info['done']} already done, "
+                              f"results in {info['db']}")
+            elif event == "audit":
+                console.print(f"[{info['i']}/{info['n']}] {info['audit_id']} ...")
+            elif event == "done":
+                verdict = {True: "success", False: "miss/false positive", None: "JUDGE FAILED"}[info["success"]]
+                console.print(f"    done {info['i']}/{info['n']} {info['audit_id']}: {verdict}, "
+                              f"{info['tool_calls']} tool calls, {info['seconds']} s")
+            elif event == "note":
+                console.print(f"[yellow]{info['message']}[/]")
+
+        import os
+
+        import torch
+
+        n_workers = workers or s.workers
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // n_workers))
+        res = run_bench(s, db_path=db_path, run_id=run_id, resume=resume, on_progress=progress,
+                        workers=n_workers, max_audits=max_audits)
+        data = load_run(db_path, res.run_id)
+        out.print(rich_table(data))
+        if not no_report:
+            path = write_html(data, _report_dir(db_path, res.run_id))
+            console.print(f"HTML report: {path}")
+        elapsed = time.monotonic() - t0
+        console.print(f"ran {res.n_run} audits ({res.n_done_before} were already done) of {res.n_cells}; "
+                      f"elapsed {elapsed / 60:.1f} min ({elapsed:.0f} s)")
+        print(f"elapsed_s={elapsed:.1f}")
+
+    @app.command("report")
+    def report(
+        run: str = typer.Argument("latest", help="Run id (see `nla runs`), or `latest`."),
+        db: Optional[Path] = typer.Option(None, "--db", help="Results database."),
+        html_dir: Optional[Path] = typer.Option(None, "--html", help="Folder for the HTML report (default: next to the database)."),
+        markdown: bool = typer.Option(False, "--markdown", help="Print the table as markdown (for the README)."),
+    ) -> None:
+        """Print the NLA vs behavioural comparison of a run and write its HTML report."""
+        from ..report import load_run, render_table_text, rich_table, write_html
+        from ..runner import default_db_path
+
+        db_path = db or default_db_path()
+        data = load_run(db_path, run)
+        if markdown:
+            print(render_table_text(data))
+        else:
+            out.print(rich_table(data))
+        path = write_html(data, html_dir or _report_dir(db_path, data.run["run_id"]))
+        console.print(f"HTML report: {path}")
+
+    @app.command("runs")
+    def runs(db: Optional[Path] = typer.Option(None, "--db", help="Results database.")) -> None:
+        """List the runs in a results database."""
+        from ..runner import default_db_path
+        from ..store import ResultStore
+
+        with ResultStore(db or default_db_path(), read_only=True) as store:
+            for r in store.runs():
+                print(f"{r['run_id']}\t{r['suite']}\t{r['n_audits']} audits\t{r['code_version']}\t{r['started_at']}")
+
+    @judge_app.command("rerun")
+    def rerun(
+        run: str = typer.Argument(..., help="Run id."),
+        db: Optional[Path] = typer.Option(None, "--db", help="Results database."),
+        all_: bool = typer.Option(False, "--all", help="Re-judge every audit, not only those whose judge failed."),
+        judge: Optional[str] = typer.Option(None, "--judge", help="auto, offline or claude (default: the run's)."),
+    ) -> None:
+        """Re-score a run's audits (by default those whose judge failed) without re-running them."""
+        from ..judge import make_judge
+        from ..runner import default_db_path, rejudge
+
+        n = rejudge(db or default_db_path(), run, make_judge(judge) if judge else None, only_failed=not all_)
+        out.print(f"re-judged {n} audit(s) of {run}")
+
+    @judge_app.command("calibrate")
+    def calibrate(
+        write: bool = typer.Option(False, "--write", help="Save the refitted weights as the offline judge's parameters."),
+        data: Optional[Path] = typer.Option(None, "--data", help="A labelled set (JSONL) other than the shipped one."),
+    ) -> None:
+        """Fit the offline judge on the labelled (hypothesis, ground truth, match) set and print
+        accuracy, precision and recall (in-sample and leave-one-truth-out) next to baselines."""
+        from rich.table import Table
+
+        from ..judge import CALIBRATION_FILE, calibrate as _cal, load_calibration
+
+        path = data or CALIBRATION_FILE
+        if not Path(path).exists():
+            raise NLAError(f"No calibration set at {path}.", "Pass --data PATH of a JSONL labelled set.")
+        res = _cal(load_calibration(path))
+        t = Table(title=f"offline judge on {res.n} labelled pairs ({res.n_positive} matches) from {Path(path).name}")
+        for col in ("", "accuracy", "precision", "recall", "F1"):
+            t.add_column(col, justify="left" if not col else "right")
+        for name, m in res.rows.items():
+            t.add_row(name, f"{m['accuracy']:.3f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}")
+        out.print(t)
+        verdict = "beats" if res.beats_baselines() else "does NOT beat"
+        out.print(f"The judge (leave-one-truth-out) {verdict} every baseline on accuracy and F1.")
+        if write:
+            res.params.save(extra={"fitted_on": str(Path(path).name), "n_pairs": res.n})
+            out.print("Saved the refitted parameters.")
+
+
+def _is_suite(name: str) -> bool:
+    try:
+        from environments import list_suites
+
+        return name in list_suites()
+    except Exception:  # noqa: BLE001
+        return False

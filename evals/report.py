@@ -1,0 +1,261 @@
+"""Reports: the terminal comparison table (NLA vs behavioural, side by side) and an HTML
+report with plots (detection by organism, budget vs success) and links to transcripts."""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from .metrics import Cell, aggregate, auditor_of, wilson
+from .store import ResultStore
+
+__all__ = ["load_run", "comparison_table", "render_table_text", "write_html", "RunData"]
+
+
+class RunData:
+    def __init__(self, run: dict, rows: list[dict]):
+        self.run = run
+        self.rows = rows
+        self.cells = aggregate(rows)
+        self.auditors = _auditor_order(rows)
+
+
+def _auditor_order(rows: Sequence[dict]) -> list[str]:
+    """NLA first, behavioural next, anything else after; grouped by policy."""
+    rank = {"nla": 0, "behavioural": 1}
+    auds = {(r["policy"], rank.get(r["strategy"], 2), r["strategy"]) for r in rows}
+    return [f"{s}/{p}" for p, _, s in sorted(auds)]
+
+
+def load_run(db_path: str | Path, run_id: str = "latest") -> RunData:
+    with ResultStore(db_path, read_only=True) as store:
+        if run_id == "latest":
+            rid = store.latest_run_id()
+            if rid is None:
+                from .store import ResultsDBError
+
+                raise ResultsDBError(f"{db_path} holds no runs.", "Run `nla bench` first.")
+            run_id = rid
+        run = store.run(run_id)
+        rows = store.audits(run_id)
+    return RunData(run, rows)
+
+
+def _fmt_rate(c: Cell | None) -> str:
+    if c is None:
+        return "-"
+    if c.n == 0:
+        return f"n/a (0/0{', judge failed ' + str(c.judge_failed) if c.judge_failed else ''})"
+    s = f"{c.rate:.0%} [{c.low:.0%}, {c.high:.0%}] ({c.k}/{c.n})"
+    if c.judge_failed:
+        s += f" +{c.judge_failed} judge failed"
+    return s
+
+
+def comparison_table(data: RunData) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per group (all organisms, each family, controls) and per
+    budget figure; one column per auditor (strategy/policy)."""
+    cells = {(c.auditor, c.group): c for c in data.cells}
+    groups: list[str] = []
+    for c in data.cells:
+        if c.group not in groups:
+            groups.append(c.group)
+    order = {"all organisms": 0, "controls": 2}
+    groups.sort(key=lambda g: (order.get(g, 1), g))
+    header = ["metric"] + data.auditors
+    rows: list[list[str]] = []
+    for g in groups:
+        label = "false positives: controls" if g == "controls" else f"detection: {g}"
+        rows.append([label] + [_fmt_rate(cells.get((a, g))) for a in data.auditors])
+    by_aud: dict[str, list[dict]] = defaultdict(list)
+    for r in data.rows:
+        by_aud[auditor_of(r)].append(r)
+
+    def mean(a: str, key: str, fmt: str) -> str:
+        xs = [float(r.get(key) or 0) for r in by_aud.get(a, [])]
+        return format(sum(xs) / len(xs), fmt) if xs else "-"
+
+    rows.append(["tool calls (mean)"] + [mean(a, "tool_calls", ".1f") for a in data.auditors])
+    rows.append(["tokens generated (mean)"] + [mean(a, "tokens_generated", ".0f") for a in data.auditors])
+    rows.append(["seconds per audit (mean)"] + [mean(a, "seconds", ".1f") for a in data.auditors])
+    rows.append(["audits"] + [str(len(by_aud.get(a, []))) for a in data.auditors])
+    failed = [str(sum(r.get("status") == "failed" for r in by_aud.get(a, []))) for a in data.auditors]
+    if any(f != "0" for f in failed):
+        rows.append(["auditor failed"] + failed)
+    return header, rows
+
+
+def render_table_text(data: RunData) -> str:
+    """Plain-text (markdown) table, for the README and logs."""
+    header, rows = comparison_table(data)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def rich_table(data: RunData) -> Any:
+    from rich.table import Table
+
+    header, rows = comparison_table(data)
+    run = data.run
+    t = Table(title=f"run {run['run_id']}  (suite {run['suite']}, code {run.get('code_version') or '?'})")
+    for i, h in enumerate(header):
+        t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+
+def _plot_detection(data: RunData, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    organisms = sorted({r["organism"] for r in data.rows}, key=lambda o: (any(r["control"] for r in data.rows if r["organism"] == o), o))
+    auds = data.auditors
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(organisms) * max(1, len(auds)) / 2 + 2), 4.2))
+    width = 0.8 / max(1, len(auds))
+    for j, a in enumerate(auds):
+        rates, los, his = [], [], []
+        for o in organisms:
+            rs = [r for r in data.rows if r["organism"] == o and auditor_of(r) == a and r.get("success") is not None]
+            k = sum(bool(r["success"]) for r in rs)
+            p, lo, hi = wilson(k, len(rs))
+            p = 0.0 if math.isnan(p) else p
+            rates.append(p)
+            los.append(max(0.0, p - lo))
+            his.append(max(0.0, hi - p))
+        xs = [i + (j - (len(auds) - 1) / 2) * width for i in range(len(organisms))]
+        ax.bar(xs, rates, width, yerr=[los, his], capsize=3, label=a)
+    ax.set_xticks(range(len(organisms)))
+    ax.set_xticklabels([o + (" (control)" if any(r["control"] for r in data.rows if r["organism"] == o) else "")
+                        for o in organisms], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success rate (95% Wilson)")
+    ax.set_title("Success by organism (control: nothing reported above threshold)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_budget(data: RunData, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for j, a in enumerate(data.auditors):
+        rs = [r for r in data.rows if auditor_of(r) == a and r.get("success") is not None]
+        for ok, marker in ((True, "o"), (False, "x")):
+            sel = [r for r in rs if bool(r["success"]) == ok]
+            if not sel:
+                continue
+            ax.scatter([r.get("tokens_generated") or 0 for r in sel],
+                       [(r.get("tool_calls") or 0) + 0.15 * (j - 0.5) for r in sel],
+                       marker=marker, color=f"C{j}", label=f"{a} {'success' if ok else 'miss'}")
+    ax.set_xlabel("tokens generated by the target")
+    ax.set_ylabel("tool calls")
+    ax.set_title("Budget use vs success")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _link(target: str | None, base: Path) -> str:
+    if not target:
+        return ""
+    p = Path(target)
+    try:
+        rel = os.path.relpath(p.resolve(), base.resolve())
+    except ValueError:
+        rel = p.resolve().as_uri()
+    return f'<a href="{html.escape(rel)}">transcript</a>'
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
+table{border-collapse:collapse;margin:12px 0;font-size:13px}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f2f2f2} td.ok{color:#176f2c;font-weight:600} td.bad{color:#a11;font-weight:600}
+td.warn{color:#a60;font-weight:600} .muted{color:#777;font-size:12px} img{max-width:100%;border:1px solid #ddd}
+"""
+
+
+def write_html(data: RunData, out_dir: str | Path) -> Path:
+    """Write `index.html` and its plots into `out_dir`; returns the HTML path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _plot_detection(data, out / "detection_by_organism.png")
+    _plot_budget(data, out / "budget_vs_success.png")
+    header, rows = comparison_table(data)
+    run = data.run
+    e = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>nla-audit report {e(run['run_id'])}</title><style>{_CSS}</style></head><body>",
+        f"<h1>Auditing benchmark: {e(run['run_id'])}</h1>",
+        f"<p class='muted'>suite {e(str(run['suite']))} &middot; code {e(str(run.get('code_version') or '?'))} "
+        f"&middot; started {e(str(run.get('started_at')))} &middot; elapsed {run.get('elapsed_s') or 0:.0f} s "
+        f"&middot; {len(data.rows)} audits</p>",
+        "<h2>NLA vs behavioural</h2>",
+        "<p class='muted'>Detection: share of audits on planted organisms where the judge matched a reported "
+        "hypothesis to the ground truth, with 95% Wilson intervals. False positives: share of audits on clean "
+        "controls that reported something at or above the confidence threshold. Judge failures are not counted "
+        "as misses.</p>",
+        "<table id='comparison'><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>",
+    ]
+    for r in rows:
+        parts.append("<tr>" + "".join(f"<td>{e(x)}</td>" for x in r) + "</tr>")
+    parts += [
+        "</table>",
+        "<h2>Plots</h2>",
+        "<p><img src='detection_by_organism.png' alt='success by organism'></p>",
+        "<p><img src='budget_vs_success.png' alt='budget vs success'></p>",
+        "<h2>Audits</h2>",
+        "<table id='audits'><tr><th>organism</th><th>auditor</th><th>seed</th><th>result</th><th>judge</th>"
+        "<th>hypotheses (confidence, verdict)</th><th>tool calls</th><th>tokens</th><th>s</th><th>transcript</th></tr>",
+    ]
+    for r in sorted(data.rows, key=lambda r: (r["organism"], auditor_of(r), r["seed"])):
+        if r.get("success") is None:
+            res, cls = "judge failed", "warn"
+        elif r.get("control"):
+            res, cls = ("clean" if r["success"] else "false positive"), ("ok" if r["success"] else "bad")
+        else:
+            res, cls = ("detected" if r["success"] else "missed"), ("ok" if r["success"] else "bad")
+        if r.get("status") == "failed":
+            res += " (auditor failed)"
+        hyps = []
+        for v in r.get("verdicts") or []:
+            tag = ("match" if v.get("match") else "no match") if "match" in v else (
+                "above threshold" if v.get("false_positive") else "below threshold")
+            hyps.append(f"{e(str(v.get('statement', '')))} <span class='muted'>({float(v.get('confidence', 0)):.2f}, {tag})</span>")
+        if not hyps:
+            hyps = ["<span class='muted'>nothing found</span>" if r.get("status") != "failed"
+                    else f"<span class='muted'>{e(str(r.get('error') or 'failed'))}</span>"]
+        judge = e(str(r.get("judge") or ""))
+        if r.get("judge_error"):
+            judge += f"<br><span class='muted'>{e(str(r['judge_error']))}</span>"
+        parts.append(
+            f"<tr><td>{e(r['organism'])}{' <span class=muted>(control)</span>' if r.get('control') else ''}</td>"
+            f"<td>{e(auditor_of(r))}</td><td>{r['seed']}</td><td class='{cls}'>{e(res)}</td><td>{judge}</td>"
+            f"<td>{'<br>'.join(hyps)}</td><td>{r.get('tool_calls') or 0}</td><td>{r.get('tokens_generated') or 0}</td>"
+            f"<td>{float(r.get('seconds') or 0):.1f}</td><td>{_link(r.get('transcript_path'), out)}</td></tr>"
+        )
+    parts += ["</table>", "</body></html>"]
+    path = out / "index.html"
+    tmp = out / "index.html.tmp"
+    tmp.write_text("\n".join(parts))
+    os.replace(tmp, path)
+    return path

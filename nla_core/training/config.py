@@ -1,0 +1,214 @@
+"""One pydantic config per training run, with a CPU preset (small, the embedded model on 2
+cores) and a GPU preset (the released recipe's scale). The run folder keeps the config it was
+started with; resuming with a different one is refused and the changed fields are named."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import NLAError
+
+__all__ = [
+    "CorpusConfig", "LoraConfigModel", "ARWarmstartConfig", "AVWarmstartConfig", "RLConfig",
+    "EvalConfig", "TrainConfig", "ConfigChangedError", "preset", "PRESETS", "SHORT_ACTOR_TEMPLATE", "PLAIN_CRITIC_TEMPLATE",
+    "config_diff",
+]
+
+# A shorter AV prompt than the default (about 60 instead of 100 tokens with SmolLM2's chat
+# template): on CPU the AV's cost is dominated by its prompt.
+SHORT_ACTOR_TEMPLATE = (
+    "Describe the activation vector in <concept>{injection_char}</concept>: topic, kind of text and "
+    "the next words, inside <explanation></explanation> tags."
+)
+
+
+PLAIN_CRITIC_TEMPLATE = "{explanation}"
+
+
+class ConfigChangedError(NLAError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CorpusConfig(_Strict):
+    # "offline" (target-written chat transcripts from the shipped prompt list + shipped texts),
+    # a local .txt/.jsonl file or folder, or "hf:NAME[:SPLIT]" (only with NLA_AUDIT_ALLOW_DOWNLOAD=1).
+    source: str = "offline"
+    n_chats: int = 104  # offline: how many shipped prompts the target answers
+    reply_tokens: int = 96  # offline: length of each target-written reply
+    reply_temperature: float = 0.7
+    include_shipped_texts: bool = True
+    max_docs: int | None = None
+    max_doc_tokens: int = 256
+    positions_per_doc: int = 16
+    skip_first: int = 10  # never sample the first tokens (atypical norms)
+    # Split by document: fractions for AR warm-start, AV warm-start, RL, held-out.
+    splits: dict[str, float] = Field(
+        default_factory=lambda: {"ar_warm": 0.3, "av_warm": 0.3, "rl": 0.25, "heldout": 0.15}
+    )
+
+
+class LoraConfigModel(_Strict):
+    rank: int = 4
+    alpha: int = 8
+    dropout: float = 0.0
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+    # The AR adapts only blocks >= ar_from_fraction * K (cheaper backward; the head does most
+    # of the work). 0 adapts every block up to K.
+    ar_from_fraction: float = 0.5
+
+
+class ARWarmstartConfig(_Strict):
+    # The head is first fitted in closed form (ridge, validated) on cached AR features.
+    steps: int = 20  # then LoRA + head steps
+    batch_size: int = 16
+    lr: float = 5e-5  # LoRA
+    # The head starts from the closed-form fit and its inputs include a few huge residual
+    # dimensions, so Adam steps on it must be small.
+    head_step_lr: float = 2e-5
+
+
+class AVWarmstartConfig(_Strict):
+    steps: int = 40
+    batch_size: int = 8
+    lr: float = 1e-3
+
+
+class RLConfig(_Strict):
+    steps: int = 16
+    batch_prompts: int = 2  # activations per step
+    group_size: int = 4  # G samples per activation
+    temperature: float = 1.0
+    max_new_tokens: int = 48  # room for the tags around a ~32-token explanation
+    av_lr: float = 1e-4
+    ar_lr: float = 5e-5
+    ar_head_lr: float = 2e-5
+    kl_coef: float = 0.01
+    missing_tag_reward: float = -2.0
+    ar_steps_per_iter: int = 1
+
+
+class EvalConfig(_Strict):
+    n_heldout: int = 32
+    max_new_tokens: int = 56
+    n_examples: int = 5
+
+
+class TrainConfig(_Strict):
+    preset: str = "cpu"
+    model: str | None = None  # None: the embedded default
+    layer: int | None = None  # None: the block near 2/3 depth
+    seed: int = 0
+    threads: int = 1  # torch CPU threads
+    finetune: Literal["lora", "full"] = "lora"
+    actor_template: str | None = SHORT_ACTOR_TEMPLATE  # None: the package default
+    # The AR reads the last token of this template. None: the released wording ("Summary of
+    # the following text: <text>...</text> <summary>"). The CPU preset reads the explanation's
+    # own last token, which the offline summaries end on the current token: on a 135M model
+    # with little training that state is far easier to map back to the activation.
+    critic_template: str | None = PLAIN_CRITIC_TEMPLATE
+    summarizer: Literal["auto", "offline", "claude"] = "auto"
+    claude_model: str = "claude-haiku-4-5"
+    claude_concurrency: int = 8
+    explanation_tokens: int = 32  # warm-start explanations are cut to this many tokens
+    save_every: int = 5
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    lora: LoraConfigModel = Field(default_factory=LoraConfigModel)
+    ar_warmstart: ARWarmstartConfig = Field(default_factory=ARWarmstartConfig)
+    av_warmstart: AVWarmstartConfig = Field(default_factory=AVWarmstartConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    # ---- io ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.exists():
+            raise NLAError(f"Config file {path} does not exist.", "pass a YAML file written by `nla train config`.")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+            base = preset(raw.get("preset", "cpu")).model_dump()
+            return cls.model_validate(_merge(base, raw))
+        except (yaml.YAMLError, ValidationError) as exc:
+            raise NLAError(f"{path} is not a valid training config: {exc}", "fix the fields named above.") from exc
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+    def stage_hash(self, *sections: str) -> str:
+        """Hash of the fields a stage depends on (the data fields plus its own sections)."""
+        d = self.model_dump(mode="json")
+        keep = {k: d[k] for k in ("model", "layer", "seed", "finetune", "actor_template", "critic_template", "explanation_tokens", "corpus", "lora")}
+        keep.update({s: d[s] for s in sections})
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_diff(old: TrainConfig, new: TrainConfig, prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ (ignoring `threads`, which never changes results)."""
+    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
+
+    def walk(x: Any, y: Any, p: str) -> list[str]:
+        if isinstance(x, dict) and isinstance(y, dict):
+            out = []
+            for k in sorted(set(x) | set(y)):
+                out += walk(x.get(k), y.get(k), f"{p}.{k}" if p else k)
+            return out
+        return [] if x == y else [f"{p} ({x!r} -> {y!r})"]
+
+    return walk(a, b, prefix)
+
+
+def _cpu() -> TrainConfig:
+    return TrainConfig(preset="cpu")
+
+
+def _gpu() -> TrainConfig:
+    """The released recipe's scale (Qwen-7B case study), for a GPU and a hub corpus."""
+    return TrainConfig(
+        preset="gpu", threads=8, actor_template=None, critic_template=None, explanation_tokens=150, save_every=50,
+        corpus=CorpusConfig(n_chats=20000, reply_tokens=256, max_doc_tokens=512, positions_per_doc=10,
+                            splits={"ar_warm": 0.25, "av_warm": 0.25, "rl": 0.45, "heldout": 0.05}),
+        lora=LoraConfigModel(rank=64, alpha=128, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], ar_from_fraction=0.0),
+        ar_warmstart=ARWarmstartConfig(steps=1000, batch_size=64, lr=2e-5, head_step_lr=1e-4),
+        av_warmstart=AVWarmstartConfig(steps=1000, batch_size=32, lr=2e-5),
+        rl=RLConfig(steps=2000, batch_prompts=16, group_size=8, max_new_tokens=150, av_lr=1e-5, ar_lr=5e-5, ar_head_lr=5e-5, kl_coef=0.01),
+        eval=EvalConfig(n_heldout=512, max_new_tokens=150),
+    )
+
+
+def _tiny() -> TrainConfig:
+    """Seconds on a tiny random model (tests)."""
+    return TrainConfig(
+        preset="tiny", explanation_tokens=16, save_every=2,
+        corpus=CorpusConfig(n_chats=3, reply_tokens=8, max_doc_tokens=48, positions_per_doc=3),
+        ar_warmstart=ARWarmstartConfig(steps=3, batch_size=4),
+        av_warmstart=AVWarmstartConfig(steps=3, batch_size=4),
+        rl=RLConfig(steps=3, batch_prompts=2, group_size=2, max_new_tokens=6),
+        eval=EvalConfig(n_heldout=4, max_new_tokens=8, n_examples=2),
+    )
+
+
+PRESETS = {"cpu": _cpu, "gpu": _gpu, "tiny": _tiny}
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise NLAError(f"Unknown training preset {name!r}.", f"choose one of {sorted(PRESETS)}.")
+    return PRESETS[name]()

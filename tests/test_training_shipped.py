@@ -1,0 +1,32 @@
+"""The NLA shipped for the embedded model loads on it and verbalizes with the tag."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+
+def test_shipped_checkpoint_loads_and_verbalizes():
+    from nla_core import NLA, default_checkpoint, load_model, read_activations
+    from nla_core.checkpoint import read_meta
+
+    folder = default_checkpoint()
+    assert folder is not None, "no NLA checkpoint is shipped under nla_core/checkpoints/"
+    meta = read_meta(folder)
+    assert meta.trained and meta.layer == 20 and meta.d_model == 576
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size < 12e6, f"shipped checkpoint is {size / 1e6:.1f} MB"
+    assert (folder / "training_report.json").exists() and (folder / "stats.safetensors").exists()
+
+    handle = load_model()  # a fresh handle: the session fixture stays adapter-free
+    nla = NLA.load(folder, handle)
+    assert nla.trained and nla.mean is not None
+    acts = read_activations(handle, ["The recipe needs two cups of flour and a pinch of salt."], 20, positions=[-2])
+    v = acts.stacked()
+    out = nla.verbalize(v, max_new_tokens=64)
+    assert out[0].has_tag, out[0].raw
+    assert out[0].text.strip()
+    rec = nla.reconstruct([out[0].text])
+    assert rec.shape == (1, 576) and torch.isfinite(rec).all()
