@@ -124,19 +124,9 @@ class _Shared:
     @property
     def nla(self) -> Any:
         if self._nla is None:
-            import nla_core
+            from nla_core.defaults import load_nla_for
 
-            ckpt = None
-            finder = getattr(nla_core, "default_checkpoint", None)
-            if finder is not None:
-                try:
-                    ckpt = finder(self.suite.model)
-                except TypeError:
-                    ckpt = finder()
-            if ckpt is not None:
-                self._nla = nla_core.NLA.load(ckpt, self.handle)
-            else:
-                self._nla = nla_core.NLA.untrained(self.handle, layer=self.suite.layer)
+            self._nla = load_nla_for(self.handle, layer=self.suite.layer)
         return self._nla
 
     @property

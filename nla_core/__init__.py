@@ -5,7 +5,7 @@ text into activations, steer the model, and load / save / train NLA checkpoints.
 """
 
 from .activations import Activations, encode, read_activations
-from .defaults import default_checkpoint
+from .defaults import default_checkpoint, load_nla_for
 from .checkpoint import NLAMeta, extract_explanation, read_meta, write_meta
 from .errors import (
     BadVectorError,
@@ -34,4 +34,5 @@ __all__ = [
     "EMBEDDED_MODEL", "ModelHandle", "embedded_model_dir", "handle_from", "load_model",
     "NLA", "RoundTrip", "SteerResult", "Verbalization", "default_layer", "steered_generations",
     "default_checkpoint",
+    "load_nla_for",
 ]

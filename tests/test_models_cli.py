@@ -34,7 +34,6 @@ def cli(monkeypatch):
     """Run `nla ...` in-process with every model load returning one tiny model."""
     handle = tiny_handle()
     monkeypatch.setattr("evals.cli.model.load_model", lambda name=None: handle)
-    monkeypatch.setattr("evals.cli.model._default_checkpoint", lambda: None)
 
     def run(*args):
         return CliRunner().invoke(app, list(args))

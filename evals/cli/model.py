@@ -10,8 +10,9 @@ import torch
 import typer
 
 from nla_core import NLA, BadVectorError, ModelHandle, load_model, read_activations
+from nla_core import default_checkpoint, load_nla_for
 from nla_core.errors import EmptyInputError
-from nla_core.models import cache_dir, is_embedded
+from nla_core.models import cache_dir
 from nla_core.nla import default_layer
 
 from .common import console, out, print_json
@@ -26,29 +27,11 @@ UNTRAINED_NOTE = (
 ModelOpt = typer.Option(None, "--model", "-m", help="HF model name or local path (default: the embedded SmolLM2-135M-Instruct).")
 
 
-def _default_checkpoint() -> Optional[Path]:
-    import nla_core
-
-    finder = getattr(nla_core, "default_checkpoint", None)
-    return finder() if finder else None
-
-
 def load_nla_for_cli(
     handle: ModelHandle, checkpoint: Optional[Path], critic: Optional[Path], layer: Optional[int]
 ) -> NLA:
-    """The NLA named on the command line, else the shipped one for the embedded model, else an
-    untrained one (which says so)."""
-    if checkpoint is None and is_embedded(handle.name):
-        checkpoint = _default_checkpoint()
-    if checkpoint is not None:
-        nla = NLA.load(checkpoint, handle, ar_path=critic)
-        if layer is not None and layer != nla.layer:
-            raise BadVectorError(
-                f"The NLA at {checkpoint} reads block {nla.layer}, not block {layer}.",
-                f"drop --layer or pass --layer {nla.layer}.",
-            )
-        return nla
-    return NLA.untrained(handle, layer)
+    """The NLA named on the command line, else the shipped one, else an untrained one."""
+    return load_nla_for(handle, checkpoint, ar_path=critic, layer=layer)
 
 
 def read_vector_file(path: Path) -> torch.Tensor:
@@ -90,7 +73,7 @@ def register(app: typer.Typer) -> None:
         """Architecture, size, default NLA layer and checkpoint of a model."""
         h = load_model(model)
         n_params = sum(p.numel() for p in h.hf_model.parameters())
-        ckpt = _default_checkpoint() if is_embedded(h.name) else None
+        ckpt = default_checkpoint(h.name)
         data = {
             "name": h.name,
             "architecture": type(h.hf_model).__name__,
