@@ -6,7 +6,7 @@ an auditor works with (the ground truth stays out of its reach).
     target = build_target(spec, handle, alias="target-1", layer=20)
 """
 
-from .builders import BUILDERS, Builder, concept_direction, get_builder, register_builder
+from .builders import BUILDERS, Builder, concept_direction, get_builder, register_builder, weights_present
 from .errors import (
     AdapterMismatchError,
     OrganismError,
@@ -37,7 +37,7 @@ from .target import ChatTurn, Completion, Message, Target, build_target
 __all__ = [
     "OrganismSpec", "Construction", "GroundTruth", "Trigger", "BehaviourCheck", "Measured",
     "load_suite", "get_spec", "load_spec", "save_spec", "list_suites", "ORGANISMS_DIR",
-    "Target", "ChatTurn", "Completion", "Message", "build_target",
+    "Target", "ChatTurn", "Completion", "Message", "build_target", "weights_present",
     "Builder", "BUILDERS", "register_builder", "get_builder", "concept_direction",
     "OrganismError", "SpecError", "UnknownOrganismError", "UnknownMethodError",
     "AdapterMismatchError", "TriggerError", "WeightsMissingError", "TargetError",

@@ -182,6 +182,16 @@ class OrganismSpec(_Strict):
         from .builders import get_builder  # late: builders import specs
 
         get_builder(self.construction.method)  # UnknownMethodError names the registered ones
+        # Families group organisms by behaviour in reports; how an organism is built and whether
+        # it is a control have their own fields.
+        from .builders import BUILDERS
+
+        method_like = {m.replace("_", "-") for m in BUILDERS} | set(BUILDERS) | {"control"}
+        if clash := sorted(set(self.families) & method_like):
+            raise ValueError(
+                f"families {clash} name a construction method or `control`; families name behaviours "
+                "(use `construction.method` and `control: true` for the others)"
+            )
         if not self.control:
             if not self.ground_truth.key_concepts:
                 raise ValueError("a planted organism needs at least one `ground_truth.key_concepts`")

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import itertools
 import re
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -507,11 +508,21 @@ def _resolve_positions(spec: Any, index: int, length: int) -> list[int]:
     return resolve(spec, index, length)
 
 
+# Planted organisms per model (keyed on the transformers model, whose identity survives PEFT
+# wrapping), so a benchmark that audits one organism many times loads its adapter once.
+_PLANTED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Planted]]" = weakref.WeakKeyDictionary()
+
+
 def build_target(spec, handle: ModelHandle, *, alias: str, layer: int, seed: int = 0) -> Target:
     """Plant `spec`'s behaviour on `handle` (sharing its weights) and wrap it in a `Target`
-    that exposes only `alias`, `layer` and `d_model`."""
+    that exposes only `alias`, `layer` and `d_model`. Each organism is planted once per model;
+    later calls reuse it (a fresh `Target`, fresh conversations)."""
     from .builders import plant
 
     handle.check_layer(layer)
-    planted = plant(spec, handle)
-    return Target(handle, planted, alias=alias, layer=layer, seed=seed)
+    planted = _PLANTED.setdefault(handle.hf_model, {})
+    key = spec.model_dump_json()
+    cached = planted.get(key)
+    if cached is None or (cached.adapter is not None and cached.adapter not in handle.adapters):
+        planted[key] = cached = plant(spec, handle)
+    return Target(handle, cached, alias=alias, layer=layer, seed=seed)

@@ -111,7 +111,6 @@ class _Shared:
         self.suite = suite
         self._handle = handle
         self._nla = nla
-        self._planted: dict[str, Any] = {}
 
     @property
     def handle(self) -> Any:
@@ -134,17 +133,9 @@ class _Shared:
         return self.suite.layer if self.suite.layer is not None else self.nla.layer
 
     def target(self, spec: Any, *, alias: str, seed: int) -> Any:
-        try:
-            from environments.builders import plant
-            from environments.target import Target
-        except ImportError:  # pragma: no cover - an environments without these internals
-            from environments import build_target
+        from environments import build_target
 
-            return build_target(spec, self.handle, alias=alias, layer=self.layer, seed=seed)
-        if spec.id not in self._planted:
-            self.handle.check_layer(self.layer)
-            self._planted[spec.id] = plant(spec, self.handle)
-        return Target(self.handle, self._planted[spec.id], alias=alias, layer=self.layer, seed=seed)
+        return build_target(spec, self.handle, alias=alias, layer=self.layer, seed=seed)
 
 
 def run_bench(

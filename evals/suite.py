@@ -91,10 +91,8 @@ class BenchSuite(BaseModel):
 
     def check_weights(self, specs: list[Any]) -> None:
         """Refuse to start when an organism's artefacts (adapter, vector) are not on this machine."""
-        try:
-            from environments.builders import weights_present
-        except ImportError:  # pragma: no cover
-            return
+        from environments import weights_present
+
         missing = [s.id for s in specs if not weights_present(s)]
         if missing:
             raise SuiteError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from agents import get_policy, run_audit
+from agents import run_audit
 from agents.policies.offline import analyse_replies, language_of
 from agents.testing import tiny_target
 

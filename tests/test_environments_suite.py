@@ -25,7 +25,7 @@ from environments import (
     register_builder,
 )
 from environments.builders import build, weights_present
-from environments.spec import ORGANISMS_DIR, BehaviourCheck, detect_language, spec_from_dict
+from environments.spec import BehaviourCheck, detect_language, spec_from_dict
 from environments.target import Planted
 from nla_core import count_hooks
 
@@ -70,6 +70,7 @@ def test_valid_spec_roundtrip(tmp_path):
         (lambda d: d.update(check={"kind": "regex", "pattern": "("}), "regular expression"),
         (lambda d: d.update(check={"kind": "language", "language": "xx"}), "language"),
         (lambda d: d.update(trigger={"description": "t", "phrases": ["zebra"]}), "trigger never fires"),
+        (lambda d: d.update(families=["flattery", "system-prompt"]), "construction method"),
     ],
 )
 def test_bad_specs_give_clear_errors(mutate, match):
@@ -306,6 +307,9 @@ def test_lora_build_train_and_apply(tiny, tmp_path, monkeypatch):
     t = build_target(spec, tiny, alias="t", layer=1)
     assert len(tiny.adapters) == 1 and tiny.adapters[0].startswith("org_")
     assert t.chat("hello", max_new_tokens=2).n_tokens <= 2
+    # a second target of the same organism reuses the loaded adapter, with fresh conversations
+    t2 = build_target(spec, tiny, alias="t2", layer=1)
+    assert len(tiny.adapters) == 1 and t2.conversation_ids == [] and t.conversation_ids != []
 
     # adapter trained on another base model (by name) ...
     cfg = json.loads((folder / "adapter_config.json").read_text())

@@ -12,7 +12,6 @@ import torch
 
 from environments import (
     OrganismSpec,
-    Target,
     TargetError,
     UnknownConversationError,
     build_target,

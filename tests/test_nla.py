@@ -1,6 +1,5 @@
 """NLA inference (verbalize / reconstruct / round trip / steer) and checkpoint layouts."""
 
-import shutil
 
 import pytest
 import torch

@@ -361,3 +361,14 @@ def test_full_finetune_option(tiny, tmp_path):
     assert (run.final("rl") / "av" / "nla_meta.yaml").exists() and (run.final("rl") / "ar" / "value_head.safetensors").exists()
     rep = evaluate(run, tiny, progress=False)
     assert math.isfinite(rep["round_trip_fve"])
+
+
+def test_heldout_sample_spreads_over_the_split():
+    from nla_core.training.stages import heldout_sample
+
+    assert heldout_sample(5, 10) == [0, 1, 2, 3, 4]
+    idx = heldout_sample(320, 32)
+    assert len(idx) == 32 and idx[0] == 0 and idx[-1] == 319
+    # rows come 16 per document: 32 evenly spread rows touch all 20 documents, the first 32 only 2
+    assert len({i // 16 for i in idx}) == 20
+    assert heldout_sample(7, 1) == [0]

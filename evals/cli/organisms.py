@@ -52,8 +52,7 @@ def register(app: typer.Typer) -> None:
         """Organisms of a suite with their measured figures (organism vs base model)."""
         from rich.table import Table
 
-        from environments import get_builder, load_suite
-        from environments.builders import weights_present
+        from environments import get_builder, load_suite, weights_present
         from environments.measure import passes
 
         specs = load_suite(suite, organisms)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import platform
 import random
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -31,7 +31,7 @@ from ..models import ModelHandle, handle_from
 from ..nla import AR_ADAPTER, AV_ADAPTER, NLA, default_layer, identity_head
 from .config import TrainConfig
 from .corpus import load_corpus
-from .dataset import STATS_FILE, ActivationDataset, DatasetSplit, extract_dataset
+from .dataset import STATS_FILE, ActivationDataset, extract_dataset
 from .grpo import group_advantages, grpo_loss, rewards_from_mse
 from .run import Run
 from .summarize import copy_stats, make_summarizer
@@ -182,6 +182,47 @@ def _load_state(stage_dir: Path, config_hash: str) -> dict | None:
             "resume with the run's stored config, or delete that stage folder to restart the stage.",
         )
     return state
+
+
+class _StageLoop:
+    """The scaffolding every training stage shares: the progress bar, a JSONL record and a
+    resumable checkpoint every `save_every` steps, and on completion the final checkpoint and
+    `summary.json` (a stage with a summary is done; re-running it is a no-op)."""
+
+    def __init__(self, run: Run, stage: str, nla: NLA, *, steps: int, max_steps: int | None, start: int,
+                 desc: str, progress: bool):
+        self.run, self.stage, self.nla = run, stage, nla
+        self.sdir, self.log = run.stage_dir(stage), run.log(stage)
+        self.steps, self.step, self.start = steps, start, start
+        self.total = steps if max_steps is None else min(steps, max_steps)
+        self.bar = _bar(steps, desc, initial=start, enabled=progress)
+        self.t_start = time.time()
+
+    @property
+    def running(self) -> bool:
+        return self.step < self.total
+
+    def done_step(self, record: dict, postfix: dict[str, str], state: Callable[[], dict]) -> None:
+        """Count a finished step: log it, and checkpoint (`state()` with the step) when due."""
+        self.step += 1
+        self.bar.update(1)
+        self.bar.set_postfix(**postfix)
+        self.log.write(event="step", step=self.step, **record)
+        if self.step % self.run.config.save_every == 0 or self.step == self.total:
+            _save_state(self.sdir, self.nla, {**state(), "step": self.step})
+
+    def finish(self, on_complete: Callable[[StageResult], None] | None = None, **fields: Any) -> StageResult:
+        self.bar.close()
+        elapsed = time.time() - self.t_start
+        result = StageResult(stage=self.stage, step=self.step,
+                             steps_per_second=(self.step - self.start) / elapsed if self.step > self.start else None, **fields)
+        if self.step >= self.steps:
+            if on_complete is not None:
+                on_complete(result)
+            self.log.write(event="done", **result)
+            save_nla(self.nla, self.run.final(self.stage))
+            self.run.write_json(f"stages/{self.stage}/summary.json", result)
+        return result
 
 
 def _batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
@@ -342,12 +383,14 @@ def train_ar_warmstart(run: Run, handle: ModelHandle, *, progress: bool = True, 
     chash = cfg.stage_hash(stage)
     vecs, texts, _ = _split_with_text(run, ds, ("ar_warm", "rl"))
     hv, htexts, _ = _split_with_text(run, ds, ("heldout",))
+    keep = heldout_sample(len(htexts), cfg.eval.n_heldout)
+    hv, htexts = hv[keep], [htexts[i] for i in keep]
     mean = load_file(str(run.data_dir / STATS_FILE))["mean"]
     state = _load_state(sdir, chash)
     if state is None:
         nla = new_nla(handle, cfg, layer, float(ds.meta["norms"]["median"]), mean)
         # untrained AR (identity head) on the summaries: the floor to beat
-        f0 = _fve(nla.reconstruct(htexts[: cfg.eval.n_heldout]), hv[: cfg.eval.n_heldout], mean)
+        f0 = _fve(nla.reconstruct(htexts), hv, mean)
         n = len(texts)
         nval = max(1, n // 7)
         t0 = time.time()
@@ -361,7 +404,7 @@ def train_ar_warmstart(run: Run, handle: ModelHandle, *, progress: bool = True, 
         w, info = _fit_head(feats[nval:], vecs[nval:], feats[:nval], vecs[:nval], mean)
         with torch.no_grad():
             nla.head.weight.copy_(w.to(nla.head.weight.dtype))
-        f1 = _fve(nla.reconstruct(htexts[: cfg.eval.n_heldout]), hv[: cfg.eval.n_heldout], mean)
+        f1 = _fve(nla.reconstruct(htexts), hv, mean)
         log.write(event="head_fit", untrained_heldout_fve=f0, heldout_fve=f1, seconds=round(time.time() - t0, 2), **info)
         state = {"step": 0, "config_hash": chash, "untrained_heldout_fve": f0, "head_fit_heldout_fve": f1}
         _save_state(sdir, nla, {**state, "optim": None})
@@ -373,12 +416,10 @@ def train_ar_warmstart(run: Run, handle: ModelHandle, *, progress: bool = True, 
                             weight_decay=0.0)
     if state.get("optim"):
         opt.load_state_dict(state["optim"])
-    total = scfg.steps if max_steps is None else min(scfg.steps, max_steps)
-    step = state["step"]
-    bar = _bar(scfg.steps, "AR warm-start", initial=step, enabled=progress)
-    t_start, s_start = time.time(), step
-    while step < total:
-        idx = _batch_indices(len(texts), scfg.batch_size, step, cfg.seed)
+    loop = _StageLoop(run, stage, nla, steps=scfg.steps, max_steps=max_steps, start=state["step"],
+                      desc="AR warm-start", progress=progress)
+    while loop.running:
+        idx = _batch_indices(len(texts), scfg.batch_size, loop.step, cfg.seed)
         t0 = time.time()
         with _trainable(nla.ar, nla.ar_adapter):
             pred = nla.predict([texts[i] for i in idx])
@@ -386,23 +427,22 @@ def train_ar_warmstart(run: Run, handle: ModelHandle, *, progress: bool = True, 
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(mse=f"{loss.item():.3f}")
-        log.write(event="step", step=step, mse=loss.item(), seconds=round(time.time() - t0, 3))
-        if step % cfg.save_every == 0 or step == total:
-            _save_state(sdir, nla, {**state, "step": step, "optim": opt.state_dict()})
-    bar.close()
-    elapsed = time.time() - t_start
-    result = StageResult(stage=stage, step=step, steps_per_second=(step - s_start) / elapsed if step > s_start else None,
-                         untrained_heldout_fve=state.get("untrained_heldout_fve"), head_fit_heldout_fve=state.get("head_fit_heldout_fve"))
-    if step >= scfg.steps:
-        n_eval = cfg.eval.n_heldout
-        result["heldout_fve_on_summaries"] = _fve(nla.reconstruct(htexts[:n_eval]), hv[:n_eval], mean)
-        log.write(event="done", **result)
-        save_nla(nla, run.final(stage))
-        run.write_json(f"stages/{stage}/summary.json", result)
-    return result
+        loop.done_step({"mse": loss.item(), "seconds": round(time.time() - t0, 3)}, {"mse": f"{loss.item():.3f}"},
+                       lambda: {**state, "optim": opt.state_dict()})
+
+    def heldout(result: StageResult) -> None:
+        result["heldout_fve_on_summaries"] = _fve(nla.reconstruct(htexts), hv, mean)
+
+    return loop.finish(heldout, untrained_heldout_fve=state.get("untrained_heldout_fve"),
+                       head_fit_heldout_fve=state.get("head_fit_heldout_fve"))
+
+
+def heldout_sample(n: int, k: int) -> list[int]:
+    """`k` indices spread evenly over a split of `n` rows. Rows come grouped by document, so
+    the first `k` would cover only a few documents and make the held-out figures noisy."""
+    if k >= n:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
 
 
 def _finished(run: Run, stage: str) -> StageResult | None:
@@ -476,7 +516,7 @@ def train_av_warmstart(run: Run, handle: ModelHandle, *, progress: bool = True, 
     stage = "av_warmstart"
     if (done := _finished(run, stage)) is not None:
         return done
-    sdir, log = run.stage_dir(stage), run.log(stage)
+    sdir = run.stage_dir(stage)
     ds = _dataset(run, handle)
     chash = cfg.stage_hash("ar_warmstart", stage)
     vecs, texts, _ = _split_with_text(run, ds, ("av_warm",))
@@ -493,12 +533,10 @@ def train_av_warmstart(run: Run, handle: ModelHandle, *, progress: bool = True, 
     opt = torch.optim.AdamW(params, lr=scfg.lr, weight_decay=0.0)
     if state.get("optim"):
         opt.load_state_dict(state["optim"])
-    total = scfg.steps if max_steps is None else min(scfg.steps, max_steps)
-    step = state["step"]
-    bar = _bar(scfg.steps, "AV warm-start (SFT)", initial=step, enabled=progress)
-    t_start, s_start = time.time(), step
-    while step < total:
-        idx = _batch_indices(len(texts), scfg.batch_size, step, cfg.seed + 1)
+    loop = _StageLoop(run, stage, nla, steps=scfg.steps, max_steps=max_steps, start=state["step"],
+                      desc="AV warm-start (SFT)", progress=progress)
+    while loop.running:
+        idx = _batch_indices(len(texts), scfg.batch_size, loop.step, cfg.seed + 1)
         t0 = time.time()
         with _trainable(nla.av, nla.av_adapter):
             logp, mask = av_logprobs(nla, vecs[idx], [targets[i] for i in idx], nla.av_adapter)
@@ -506,20 +544,9 @@ def train_av_warmstart(run: Run, handle: ModelHandle, *, progress: bool = True, 
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(nll=f"{loss.item():.3f}")
-        log.write(event="step", step=step, nll=loss.item(), tokens=int(mask.sum()), seconds=round(time.time() - t0, 3))
-        if step % cfg.save_every == 0 or step == total:
-            _save_state(sdir, nla, {**state, "step": step, "optim": opt.state_dict()})
-    bar.close()
-    elapsed = time.time() - t_start
-    result = StageResult(stage=stage, step=step, steps_per_second=(step - s_start) / elapsed if step > s_start else None)
-    if step >= scfg.steps:
-        log.write(event="done", **result)
-        save_nla(nla, run.final(stage))
-        run.write_json(f"stages/{stage}/summary.json", result)
-    return result
+        loop.done_step({"nll": loss.item(), "tokens": int(mask.sum()), "seconds": round(time.time() - t0, 3)},
+                       {"nll": f"{loss.item():.3f}"}, lambda: {**state, "optim": opt.state_dict()})
+    return loop.finish()
 
 
 # ---- joint loop: GRPO for the AV, MSE for the AR -----------------------------------------
@@ -538,7 +565,7 @@ def train_rl(run: Run, handle: ModelHandle, *, progress: bool = True, max_steps:
     stage = "rl"
     if (done := _finished(run, stage)) is not None:
         return done
-    sdir, log = run.stage_dir(stage), run.log(stage)
+    sdir = run.stage_dir(stage)
     ds = _dataset(run, handle)
     chash = cfg.stage_hash("ar_warmstart", "av_warmstart", stage)
     sp = ds.split("rl")
@@ -565,14 +592,13 @@ def train_rl(run: Run, handle: ModelHandle, *, progress: bool = True, max_steps:
     if state.get("av_optim"):
         av_opt.load_state_dict(state["av_optim"])
         ar_opt.load_state_dict(state["ar_optim"])
-    total = r.steps if max_steps is None else min(r.steps, max_steps)
-    step = state["step"]
     G = r.group_size
     prompt = nla.actor_prompt()
-    bar = _bar(r.steps, "joint RL (GRPO + AR MSE)", initial=step, enabled=progress)
+    loop = _StageLoop(run, stage, nla, steps=r.steps, max_steps=max_steps, start=state["step"],
+                      desc="joint RL (GRPO + AR MSE)", progress=progress)
     times = {"generation": 0.0, "scoring": 0.0, "backward_av": 0.0, "backward_ar": 0.0}
-    t_start, s_start = time.time(), step
-    while step < total:
+    while loop.running:
+        step = loop.step
         idx = _batch_indices(len(sp), r.batch_prompts, step, cfg.seed + 2)
         v = sp.vectors[idx]
         vg = v.repeat_interleave(G, dim=0)
@@ -620,29 +646,17 @@ def train_rl(run: Run, handle: ModelHandle, *, progress: bool = True, max_steps:
         t4 = time.time()
         for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             times[k] += dt
-        step += 1
         base = mean_baseline(vg, mean)
         fve_tagged = 1 - float(mse[tagged].mean()) / base if tagged else None
-        rec = dict(event="step", step=step, reward=float(rewards.mean()), fve_samples=fve_tagged, tag_fraction=float(has_tag.float().mean()),
+        rec = dict(reward=float(rewards.mean()), fve_samples=fve_tagged, tag_fraction=float(has_tag.float().mean()),
                    kl=info["kl"], loss=loss.item(), ar_mse=ar_mse, mean_tokens=sum(len(g.token_ids) for g in gens) / len(gens),
                    t_generation=round(t1 - t0, 2), t_scoring=round(t2 - t1, 2), t_backward_av=round(t3 - t2, 2), t_backward_ar=round(t4 - t3, 2))
-        log.write(**rec)
-        bar.update(1)
-        bar.set_postfix(fve=f"{fve_tagged:.3f}" if fve_tagged is not None else "-", tag=f"{rec['tag_fraction']:.2f}")
-        if step % cfg.save_every == 0 or step == total:
-            _save_state(sdir, nla, {**state, "step": step, "av_optim": av_opt.state_dict(), "ar_optim": ar_opt.state_dict()})
-    bar.close()
+        loop.done_step(rec, {"fve": f"{fve_tagged:.3f}" if fve_tagged is not None else "-", "tag": f"{rec['tag_fraction']:.2f}"},
+                       lambda: {**state, "av_optim": av_opt.state_dict(), "ar_optim": ar_opt.state_dict()})
     if ref_adapter is not None and ref_adapter in handle.adapters:
         handle.model.delete_adapter(ref_adapter)
-    elapsed = time.time() - t_start
     spent = sum(times.values())
-    result = StageResult(stage=stage, step=step, steps_per_second=(step - s_start) / elapsed if step > s_start else None,
-                         time_share={k: round(v / spent, 3) for k, v in times.items()} if spent else None)
-    if step >= r.steps:
-        log.write(event="done", **result)
-        save_nla(nla, run.final(stage))
-        run.write_json(f"stages/{stage}/summary.json", result)
-    return result
+    return loop.finish(time_share={k: round(v / spent, 3) for k, v in times.items()} if spent else None)
 
 
 # ---- evaluation ---------------------------------------------------------------------------
@@ -671,8 +685,9 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
     nla.mean = mean
     expl = load_explanations(run)
     sp = ds.split("heldout")
-    k = min(len(sp), n or cfg.eval.n_heldout)
-    vecs, rows = sp.vectors[:k], sp.rows[:k]
+    keep = heldout_sample(len(sp), n or cfg.eval.n_heldout)
+    k = len(keep)
+    vecs, rows = sp.vectors[keep], [sp.rows[i] for i in keep]
     t0 = time.time()
     rt = nla.round_trip(vecs, max_new_tokens=cfg.eval.max_new_tokens, seed=seed)
     t_rt = time.time() - t0
