@@ -45,6 +45,8 @@ def test_analysis_finds_recurring_topic_language_and_refusals():
             for p in plain]
     cands = analyse_replies(_samples(plain), 4, expl)
     assert cands and "submarine" in cands[0]["statement"] and "c9" in cands[0]["evidence"]
+    # ... but as leads to test: below the reporting floor until a test supports them
+    assert cands[0]["confidence"] < 0.5
 
 
 def test_offline_audit_finds_a_planted_word(tiny, tmp_path):

@@ -79,6 +79,21 @@ def test_full_pipeline_with_resume(tiny, tmp_path):
     rt = nla.round_trip(ds.split("heldout").vectors[:2], max_new_tokens=4)
     assert rt.baseline_source == "training set"
 
+    # training longer: raising the last stage's steps continues it from its checkpoint ...
+    longer = tiny_config()
+    longer.rl.steps = 5
+    run = Run.open(run.root, longer)
+    assert train_rl(run, tiny, progress=False)["step"] == 5
+    assert [r["step"] for r in run.log("rl").read() if r.get("event") == "step"] == [1, 2, 3, 4, 5]
+    assert train_rl(run, tiny, progress=False)["step"] == 5  # done again: a no-op
+    # ... but an earlier stage stays frozen (RL was trained on its result), and steps never shrink
+    for section, n in (("av_warmstart", 9), ("rl", 4)):
+        bad = tiny_config()
+        bad.rl.steps = 5
+        getattr(bad, section).steps = n
+        with pytest.raises(ConfigChangedError, match=f"{section}.steps"):
+            Run.open(run.root, bad)
+
 
 def test_changed_config_on_resume_is_refused(tmp_path):
     run = Run.open(tmp_path / "run", tiny_config())

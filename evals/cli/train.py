@@ -139,7 +139,7 @@ def register(app: typer.Typer) -> None:
         from nla_core.training.stages import hardware
 
         path = ship_checkpoint(r, src, out_dir, dtype=torch.float32 if fp32 else torch.float16,
-                               extra={"hardware": hardware(), "shipped_from": str(src)})
+                               extra={"hardware": {**hardware(), "threads": r.config.threads}, "shipped_from": str(src)})
         console.print(f"shipped {src} -> {path}")
 
     @app.command("eval")

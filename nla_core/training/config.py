@@ -146,10 +146,12 @@ class TrainConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
     def stage_hash(self, *sections: str) -> str:
-        """Hash of the fields a stage depends on (the data fields plus its own sections)."""
+        """Hash of the fields a stage depends on (the data fields plus its own sections). Step
+        counts are left out: raising one continues a stage from its checkpoint (`Run.open`
+        decides when that is allowed)."""
         d = self.model_dump(mode="json")
         keep = {k: d[k] for k in ("model", "layer", "seed", "finetune", "actor_template", "critic_template", "explanation_tokens", "corpus", "lora")}
-        keep.update({s: d[s] for s in sections})
+        keep.update({s: {k: v for k, v in d[s].items() if k != "steps"} for s in sections})
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

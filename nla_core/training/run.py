@@ -35,6 +35,16 @@ def _owner(diff_line: str) -> str | None:
     return _SECTION_OWNER.get(top, "all")
 
 
+def _longer_stage(stored: TrainConfig, new: TrainConfig, started: list[str]) -> str | None:
+    """The stage whose `steps` may grow although it has started: the last started stage, when
+    the new count is higher (it continues from its checkpoint). Earlier stages stay frozen,
+    since a later stage was trained on their result."""
+    last = next((s for s in reversed(STAGES) if s in started), None)
+    if last is not None and getattr(new, last).steps > getattr(stored, last).steps:
+        return last
+    return None
+
+
 class StageLog:
     """Appends JSON lines; every record gets the wall time."""
 
@@ -77,7 +87,9 @@ class Run:
                 run = cls(root, stored)
                 diff = config_diff(stored, config)
                 started = run.started_stages()
-                blocked = [d for d in diff if _owner(d) in started or (_owner(d) == "all" and started)]
+                longer = _longer_stage(stored, config, started)
+                blocked = [d for d in diff if (_owner(d) in started or (_owner(d) == "all" and started))
+                           and not d.startswith(f"{longer}.steps ")]
                 if blocked:
                     raise ConfigChangedError(
                         f"Run {root} was started with a different config; changed: {'; '.join(blocked[:8])}"

@@ -421,13 +421,8 @@ def train_ar_warmstart(run: Run, handle: ModelHandle, *, progress: bool = True, 
     while loop.running:
         idx = _batch_indices(len(texts), scfg.batch_size, loop.step, cfg.seed)
         t0 = time.time()
-        with _trainable(nla.ar, nla.ar_adapter):
-            pred = nla.predict([texts[i] for i in idx])
-            loss = normalized_mse(pred, vecs[idx]).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        opt.step()
-        loop.done_step({"mse": loss.item(), "seconds": round(time.time() - t0, 3)}, {"mse": f"{loss.item():.3f}"},
+        mse = _ar_step(nla, opt, [texts[i] for i in idx], vecs[idx])
+        loop.done_step({"mse": mse, "seconds": round(time.time() - t0, 3)}, {"mse": f"{mse:.3f}"},
                        lambda: {**state, "optim": opt.state_dict()})
 
     def heldout(result: StageResult) -> None:
@@ -435,6 +430,16 @@ def train_ar_warmstart(run: Run, handle: ModelHandle, *, progress: bool = True, 
 
     return loop.finish(heldout, untrained_heldout_fve=state.get("untrained_heldout_fve"),
                        head_fit_heldout_fve=state.get("head_fit_heldout_fve"))
+
+
+def _ar_step(nla: NLA, opt: torch.optim.Optimizer, texts: list[str], targets: torch.Tensor) -> float:
+    """One optimiser step of the AR (adapter + head) on MSE of normalised vectors; the loss."""
+    with _trainable(nla.ar, nla.ar_adapter):
+        loss = normalized_mse(nla.predict(texts), targets).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    opt.step()
+    return loss.item()
 
 
 def heldout_sample(n: int, k: int) -> list[int]:
@@ -446,10 +451,12 @@ def heldout_sample(n: int, k: int) -> list[int]:
 
 
 def _finished(run: Run, stage: str) -> StageResult | None:
-    """A finished stage's stored result (re-running it is a no-op)."""
+    """A finished stage's stored result (re-running it is a no-op), unless its `steps` was raised."""
     f = run.stage_dir(stage) / "summary.json"
     if run.is_done(stage) and f.exists():
-        return StageResult(json.loads(f.read_text()))
+        result = StageResult(json.loads(f.read_text()))
+        if result.get("step", 0) >= getattr(run.config, stage).steps:
+            return result  # else: `steps` was raised; continue from the checkpoint
     return None
 
 
@@ -636,13 +643,7 @@ def train_rl(run: Run, handle: ModelHandle, *, progress: bool = True, max_steps:
         ar_mse = None
         if tagged:
             for _ in range(r.ar_steps_per_iter):
-                with _trainable(nla.ar, nla.ar_adapter):
-                    p = nla.predict([bodies[i] for i in tagged])
-                    ar_loss = normalized_mse(p, vg[tagged]).mean()
-                    ar_opt.zero_grad(set_to_none=True)
-                    ar_loss.backward()
-                ar_opt.step()
-                ar_mse = ar_loss.item()
+                ar_mse = _ar_step(nla, ar_opt, [bodies[i] for i in tagged], vg[tagged])
         t4 = time.time()
         for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             times[k] += dt
