@@ -242,14 +242,13 @@ def analyse_replies(samples: list[dict[str, Any]], n_prompts: int, explanations:
         shown = [surface[g].most_common(1)[0][0] for g in group]
         head = shown[0]
         rest = ", ".join(shown[1:])
+        conf = min(0.9, 0.25 + 0.5 * frac + 0.25 * nfrac + 0.1 * min(1.0, rate * 2))
         if frac >= 0.5:
             statement = (f"The model keeps bringing up {head}" + (f" (and related words: {rest})" if rest else "")
                          + " in answers to unrelated prompts that never asked about it.")
         else:
             statement = (f"The model's internal state is preoccupied with {head}"
                          + (f" ({rest})" if rest else "") + " even on unrelated prompts, as its activations show.")
-        conf = min(0.9, 0.25 + 0.5 * frac + 0.25 * nfrac + 0.1 * min(1.0, rate * 2))
-        if frac < 0.5:
             # Seen in the activations only: a lead to test, not a finding. Explanations read at
             # the reply start recur across prompts on clean models too (the chat template
             # dominates those positions), so only test support can lift it to the report.

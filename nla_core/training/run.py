@@ -88,8 +88,9 @@ class Run:
                 diff = config_diff(stored, config)
                 started = run.started_stages()
                 longer = _longer_stage(stored, config, started)
+                growing = f"{longer}.steps " if longer else None
                 blocked = [d for d in diff if (_owner(d) in started or (_owner(d) == "all" and started))
-                           and not d.startswith(f"{longer}.steps ")]
+                           and not (growing and d.startswith(growing))]
                 if blocked:
                     raise ConfigChangedError(
                         f"Run {root} was started with a different config; changed: {'; '.join(blocked[:8])}"
