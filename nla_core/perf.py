@@ -105,4 +105,31 @@ def run_perf(model: str | None = None, *, quick: bool = False, printer: Callable
             f"(+{rss_separate:.0f} MB RSS) -> {separate_params / shared_params:.2f}x less with sharing")
     del av_copy, ar_copy
     _ = rss_before
+
+    # 4. the training forwards: one RL step's AV update (reference forward + policy forward
+    # and backward, 16 sequences of the AV prompt + 32 tokens) in float32 vs bf16 autocast
+    from .training.stages import av_logprobs
+
+    h.model.delete_adapter("perf_ar")
+    vecs = acts[:1].repeat(16, 1)
+    completions = [ids[:32]] * 16
+
+    def av_update(bf16: bool) -> None:
+        with h.use_adapter("perf_av"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                av_logprobs(nla, vecs, completions, "perf_av", handle=h)
+            logp, mask = av_logprobs(nla, vecs, completions, "perf_av", handle=h)
+        (logp * mask).sum().backward()
+
+    for p in h.model.parameters():
+        p.requires_grad_(False)
+    for n, p in h.model.named_parameters():
+        if ".perf_av." in n:
+            p.requires_grad_(True)
+    f32 = _best_of(lambda: av_update(False), repeats)
+    b16 = _best_of(lambda: av_update(True), repeats)
+    figures.update(av_update_fp32_s=f32, av_update_bf16_s=b16, av_update_bf16_speedup=f32 / b16)
+    printer(f"AV update of one RL step (16 x prompt+32 tokens, ref forward + forward/backward): float32 "
+            f"{f32:.2f} s, bf16 autocast {b16:.2f} s -> {f32 / b16:.2f}x (training uses bf16 where the CPU has it)")
+    h.model.delete_adapter("perf_av")
     return figures

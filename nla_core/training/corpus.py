@@ -161,6 +161,10 @@ def load_corpus(
         docs = write_transcripts(handle, prompts, cfg, cache, seed=seed, progress=progress) if prompts and cfg.n_chats > 0 else []
         if cfg.include_shipped_texts:
             docs += shipped_texts()
+        if cfg.n_topics > 0:
+            from .topics import topic_documents
+
+            docs += topic_documents(cfg.n_topics, seed=seed, chat_share=cfg.topic_chat_share)
     elif src.startswith("hf:"):
         docs = _read_hf(src, cfg.max_docs)
     else:

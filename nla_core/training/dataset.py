@@ -70,7 +70,9 @@ def split_documents(doc_ids: list[str], fractions: dict[str, float], seed: int) 
 class DatasetSplit:
     name: str
     vectors: torch.Tensor  # [n, d] raw activations
-    rows: list[dict]  # act_id, doc_id, position, token, context, role, genre, next_tokens, norm
+    # act_id, doc_id, position, token, context, role, genre, next_tokens, norm, and for topic
+    # documents topic, topic_terms, category (empty otherwise)
+    rows: list[dict]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -127,6 +129,15 @@ class ActivationDataset:
         return normalize(vecs).mean(dim=0)
 
 
+def _first_mention(tok, ids: list[int], terms: list[str]) -> int:
+    """Index of the token by which one of `terms` has been written (len(ids) if never)."""
+    pattern = re.compile(r"\b(" + "|".join(re.escape(t) for t in terms) + ")", re.I)
+    for p in range(len(ids)):
+        if pattern.search(tok.decode(ids[: p + 1])):
+            return p
+    return len(ids)
+
+
 def _top_next(logits: torch.Tensor, tok, k: int = 3) -> list[str]:
     return [tok.decode([int(i)]) for i in logits.topk(k).indices]
 
@@ -156,7 +167,11 @@ def extract_dataset(
             ids = encode(handle, doc.messages if doc.is_chat else doc.text)[: cfg.max_doc_tokens]
         except EmptyInputError:
             continue
-        cands = [p for p in range(cfg.skip_first, len(ids)) if ids[p] not in special]
+        # In a topic document, sample only where the topic has been named: earlier positions
+        # (the system prompt, the opening words) cannot carry it, and their summaries would
+        # teach the AV to invent topics.
+        first = _first_mention(tok, ids, doc.meta["topic_terms"]) if doc.meta.get("topic_terms") else 0
+        cands = [p for p in range(max(cfg.skip_first, first), len(ids)) if ids[p] not in special]
         if not cands:
             continue
         pos = sorted(rng.sample(cands, min(cfg.positions_per_doc, len(cands))))
@@ -169,7 +184,7 @@ def extract_dataset(
     split_of = split_documents([d.doc_id for d, _, _ in prepared], cfg.splits, config.seed)
     cols: dict[str, list] = {k: [] for k in (
         "act_id", "doc_id", "split", "position", "token_id", "token", "context", "role", "genre",
-        "next_tokens", "norm", "vector")}
+        "next_tokens", "norm", "topic", "topic_terms", "category", "vector")}
     prepared.sort(key=lambda x: len(x[1]))
     model = handle.model
     for start in range(0, len(prepared), batch_size):
@@ -195,6 +210,9 @@ def extract_dataset(
                 cols["genre"].append(doc.genre)
                 cols["next_tokens"].append(_top_next(logits[j, p].float(), tok))
                 cols["norm"].append(float(v.norm()))
+                cols["topic"].append(doc.meta.get("topic", ""))
+                cols["topic_terms"].append(list(doc.meta.get("topic_terms", [])))
+                cols["category"].append(doc.meta.get("category", ""))
                 cols["vector"].append(v.numpy())
         if progress:
             progress(len(chunk))

@@ -13,6 +13,15 @@ def rewards_from_mse(mse: torch.Tensor, has_tag: torch.Tensor, missing_tag_rewar
     return torch.where(has_tag.bool(), -mse.float(), torch.full_like(mse.float(), missing_tag_reward))
 
 
+def contrastive_logprob(pred: torch.Tensor, own: torch.Tensor, candidates: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE: log-softmax over `candidates` [m, d] of cosine(pred_i, candidate) / temperature,
+    taken at each row's own activation `own[i]` (an index into `candidates`). [n]"""
+    p = torch.nn.functional.normalize(pred.float(), dim=-1)
+    c = torch.nn.functional.normalize(candidates.float(), dim=-1)
+    logits = p @ c.T / temperature  # [n, m]
+    return torch.log_softmax(logits, dim=-1).gather(-1, own.long()[:, None])[:, 0]
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """(r - mean of its group) / (std of its group + eps), groups being consecutive runs of
     `group_size` samples of the same activation. A group whose rewards are all equal gets 0.

@@ -17,7 +17,7 @@ from ..checkpoint import read_meta, write_meta
 from ..errors import NLAError
 from .run import Run
 
-__all__ = ["ship_checkpoint", "training_report", "curves"]
+__all__ = ["ship_checkpoint", "training_report", "curves", "heldout_figures"]
 
 
 def _half(path: Path, dtype: torch.dtype) -> None:
@@ -38,6 +38,15 @@ def curves(run: Run, stage: str, keys: tuple[str, ...], every: int = 1) -> dict[
     return out
 
 
+def heldout_figures(ev: dict) -> dict:
+    """The headline held-out figures of an `evaluate` report (the keys the README cites)."""
+    return {"n": ev.get("n_heldout"), "fve": ev.get("round_trip_fve"), "fve_centred": ev.get("round_trip_fve_centred"),
+            "topic_recall": ev.get("topic_recall"), "topic_recall_placebo": ev.get("topic_recall_placebo"),
+            "distinct_rate": ev.get("distinct_rate"), "collapse_gap": ev.get("collapse_gap"),
+            "ar_on_warmstart_summaries_fve": ev.get("ar_on_warmstart_summaries_fve"), "n_topics": ev.get("n_topics"),
+            "topic_probe": ev.get("topic_probe")}
+
+
 def training_report(run: Run, extra: dict | None = None) -> dict:
     rep: dict = {"config": run.config.model_dump(mode="json"), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     for name in ("stages/data/summary.json", "stages/ar_warmstart/summary.json", "stages/av_warmstart/summary.json",
@@ -48,9 +57,12 @@ def training_report(run: Run, extra: dict | None = None) -> dict:
     rep["curves"] = {
         "ar_warmstart": curves(run, "ar_warmstart", ("mse", "seconds")),
         "av_warmstart": curves(run, "av_warmstart", ("nll", "seconds")),
-        "rl": curves(run, "rl", ("reward", "fve_samples", "tag_fraction", "kl", "ar_mse", "mean_tokens",
+        "rl": curves(run, "rl", ("reward", "fve_samples", "nce", "tag_fraction", "kl", "ar_mse", "mean_tokens",
                                  "t_generation", "t_scoring", "t_backward_av", "t_backward_ar")),
     }
+    shipped_eval = rep.get("eval_rl") or rep.get("eval_av_warmstart")
+    if shipped_eval:
+        rep["heldout"] = heldout_figures(shipped_eval)
     head_fit = [r for r in run.log("ar_warmstart").read() if r.get("event") == "head_fit"]
     if head_fit:
         rep["ar_head_fit"] = head_fit[-1]

@@ -23,6 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ..activations import pad_batch
+from ..content import TAIL_TOKENS, centred_fve, distinct_rate, placebo_terms, topic_probe, topic_recall
 from ..checkpoint import ACTOR_TEMPLATE, CRITIC_TEMPLATE, EXPLANATION_CLOSE, EXPLANATION_OPEN, NLAMeta, extract_explanation
 from ..errors import CheckpointError, EmptyInputError, NLAError
 from ..generation import generate_ids
@@ -31,8 +32,8 @@ from ..models import ModelHandle, handle_from
 from ..nla import AR_ADAPTER, AV_ADAPTER, NLA, default_layer, identity_head
 from .config import TrainConfig
 from .corpus import load_corpus
-from .dataset import STATS_FILE, ActivationDataset, extract_dataset
-from .grpo import group_advantages, grpo_loss, rewards_from_mse
+from .dataset import STATS_FILE, TRAIN_SPLITS, ActivationDataset, extract_dataset
+from .grpo import contrastive_logprob, group_advantages, grpo_loss, rewards_from_mse
 from .run import Run
 from .summarize import copy_stats, make_summarizer
 
@@ -72,6 +73,22 @@ def _check_model(run: Run, handle: ModelHandle) -> None:
             f"Run {run.root} trains {want or 'the embedded model'!r}, but the loaded model is {handle.name!r}.",
             "load the run's model (omit --model, or pass the one in its config.yaml).",
         )
+
+
+def _native_bf16() -> bool:
+    if torch.cuda.is_available():
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _autocast(config: TrainConfig) -> contextlib.AbstractContextManager:
+    """The training forwards' precision (`config.autocast`)."""
+    on = config.autocast == "bf16" or (config.autocast == "auto" and _native_bf16())
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=on)
 
 
 def _lora_config(config: TrainConfig, layers: list[int] | None):
@@ -330,15 +347,16 @@ def build_data(run: Run, handle: ModelHandle, *, progress: bool = True, summariz
 
 
 @torch.no_grad()
-def _ar_features(nla: NLA, texts: list[str], batch: int = 32) -> torch.Tensor:
-    """The AR's last-token residual (before the head) for each text."""
+def _ar_features(nla: NLA, texts: list[str], config: TrainConfig, batch: int = 32) -> torch.Tensor:
+    """The AR's last-token residual (before the head) for each text, in the training forwards'
+    precision (the LoRA steps that follow the fit see the same features)."""
     from ..activations import forward_to_layer
 
     out = []
     for i in range(0, len(texts), batch):
         ids = nla.critic_ids(texts[i : i + batch])
         input_ids, mask = pad_batch(ids, nla.ar.tokenizer.pad_token_id)
-        with nla.ar.use_adapter(nla.ar_adapter):
+        with nla.ar.use_adapter(nla.ar_adapter), _autocast(config):
             resid = forward_to_layer(nla.ar, input_ids, mask, nla.layer)
         last = torch.as_tensor([len(r) - 1 for r in ids])
         out.append(resid[torch.arange(len(ids)), last].float().cpu())
@@ -398,7 +416,7 @@ def train_ar_warmstart(run: Run, handle: ModelHandle, *, progress: bool = True, 
         if fcache.exists():
             feats = torch.load(fcache)
         else:
-            feats = _ar_features(nla, texts)
+            feats = _ar_features(nla, texts, cfg)
             sdir.mkdir(parents=True, exist_ok=True)
             torch.save(feats, fcache)
         w, info = _fit_head(feats[nval:], vecs[nval:], feats[:nval], vecs[:nval], mean)
@@ -421,7 +439,7 @@ def train_ar_warmstart(run: Run, handle: ModelHandle, *, progress: bool = True, 
     while loop.running:
         idx = _batch_indices(len(texts), scfg.batch_size, loop.step, cfg.seed)
         t0 = time.time()
-        mse = _ar_step(nla, opt, [texts[i] for i in idx], vecs[idx])
+        mse = _ar_step(nla, opt, [texts[i] for i in idx], vecs[idx], cfg)
         loop.done_step({"mse": mse, "seconds": round(time.time() - t0, 3)}, {"mse": f"{mse:.3f}"},
                        lambda: {**state, "optim": opt.state_dict()})
 
@@ -432,10 +450,12 @@ def train_ar_warmstart(run: Run, handle: ModelHandle, *, progress: bool = True, 
                        head_fit_heldout_fve=state.get("head_fit_heldout_fve"))
 
 
-def _ar_step(nla: NLA, opt: torch.optim.Optimizer, texts: list[str], targets: torch.Tensor) -> float:
+def _ar_step(nla: NLA, opt: torch.optim.Optimizer, texts: list[str], targets: torch.Tensor, config: TrainConfig) -> float:
     """One optimiser step of the AR (adapter + head) on MSE of normalised vectors; the loss."""
     with _trainable(nla.ar, nla.ar_adapter):
-        loss = normalized_mse(nla.predict(texts), targets).mean()
+        with _autocast(config):
+            pred = nla.predict(texts)
+        loss = normalized_mse(pred, targets).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
     opt.step()
@@ -546,7 +566,8 @@ def train_av_warmstart(run: Run, handle: ModelHandle, *, progress: bool = True, 
         idx = _batch_indices(len(texts), scfg.batch_size, loop.step, cfg.seed + 1)
         t0 = time.time()
         with _trainable(nla.av, nla.av_adapter):
-            logp, mask = av_logprobs(nla, vecs[idx], [targets[i] for i in idx], nla.av_adapter)
+            with _autocast(cfg):
+                logp, mask = av_logprobs(nla, vecs[idx], [targets[i] for i in idx], nla.av_adapter)
             loss = -(logp * mask).sum() / mask.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -561,7 +582,8 @@ def train_av_warmstart(run: Run, handle: ModelHandle, *, progress: bool = True, 
 
 def train_rl(run: Run, handle: ModelHandle, *, progress: bool = True, max_steps: int | None = None) -> StageResult:
     """Each step: B activations from the RL split, G samples each from the AV (activation
-    injected); reward -MSE of the live AR's reconstruction (normalised), -2 without the tag;
+    injected); reward -MSE of the live AR's reconstruction (normalised), mixed with an in-batch
+    InfoNCE term when `contrastive_weight` > 0, and -2 without the tag;
     group-normalised advantages; AV loss = policy gradient + kl_coef * KL to the warm-start AV;
     then the AR takes MSE steps on the fresh samples. Logs the share of time in generation,
     scoring and backward."""
@@ -620,20 +642,32 @@ def train_rl(run: Run, handle: ModelHandle, *, progress: bool = True, max_steps:
         has_tag = torch.tensor([b is not None and bool(b.strip()) for b in bodies])
         mse = torch.full((len(gens),), 4.0)
         tagged = [i for i in range(len(gens)) if has_tag[i]]
+        pred = None
         if tagged:
-            with torch.no_grad():
-                pred = nla.reconstruct([bodies[i] for i in tagged])
-            mse[tagged] = normalized_mse(pred, vg[tagged])
+            # with grad: the same forward serves the reward and the AR's first step below
+            with _trainable(nla.ar, nla.ar_adapter), _autocast(cfg):
+                pred = nla.predict([bodies[i] for i in tagged])
+            mse[tagged] = normalized_mse(pred.detach(), vg[tagged])
         rewards = rewards_from_mse(mse, has_tag, r.missing_tag_reward)
+        nce = None
+        if tagged and r.contrastive_weight > 0:
+            # the batch's own activations first, then negatives drawn from the rest of the split
+            others = [i for i in _batch_indices(len(sp), r.contrastive_negatives + len(idx), step, cfg.seed + 3) if i not in idx]
+            cands = torch.cat([v, sp.vectors[others[: r.contrastive_negatives]]])
+            own = torch.as_tensor(tagged) // G
+            nce = contrastive_logprob(pred.detach(), own, cands, r.contrastive_temperature)
+            w = r.contrastive_weight
+            rewards[tagged] = (1 - w) * rewards[tagged] + w * nce
         adv = group_advantages(rewards, G)
         completions = [g.token_ids + ([nla.av.tokenizer.eos_token_id] if len(g.token_ids) < r.max_new_tokens else []) for g in gens]
         completions = [c if c else [nla.av.tokenizer.eos_token_id] for c in completions]
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(cfg):
             ref_logp, _ = av_logprobs(nla, vg, completions, ref_adapter, handle=ref_handle)
         t2 = time.time()
         # 3. AV policy step
         with _trainable(nla.av, nla.av_adapter):
-            logp, mask = av_logprobs(nla, vg, completions, nla.av_adapter)
+            with _autocast(cfg):
+                logp, mask = av_logprobs(nla, vg, completions, nla.av_adapter)
             loss, info = grpo_loss(logp, ref_logp, adv, mask, r.kl_coef)
             av_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -642,14 +676,20 @@ def train_rl(run: Run, handle: ModelHandle, *, progress: bool = True, max_steps:
         # 4. AR step(s) on the fresh samples
         ar_mse = None
         if tagged:
-            for _ in range(r.ar_steps_per_iter):
-                ar_mse = _ar_step(nla, ar_opt, [bodies[i] for i in tagged], vg[tagged])
+            with _trainable(nla.ar, nla.ar_adapter):
+                loss_ar = normalized_mse(pred, vg[tagged]).mean()
+                ar_opt.zero_grad(set_to_none=True)
+                loss_ar.backward()
+            ar_opt.step()
+            ar_mse = loss_ar.item()
+            for _ in range(r.ar_steps_per_iter - 1):
+                ar_mse = _ar_step(nla, ar_opt, [bodies[i] for i in tagged], vg[tagged], cfg)
         t4 = time.time()
         for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             times[k] += dt
         base = mean_baseline(vg, mean)
         fve_tagged = 1 - float(mse[tagged].mean()) / base if tagged else None
-        rec = dict(reward=float(rewards.mean()), fve_samples=fve_tagged, tag_fraction=float(has_tag.float().mean()),
+        rec = dict(reward=float(rewards.mean()), fve_samples=fve_tagged, nce=float(nce.mean()) if nce is not None else None, tag_fraction=float(has_tag.float().mean()),
                    kl=info["kl"], loss=loss.item(), ar_mse=ar_mse, mean_tokens=sum(len(g.token_ids) for g in gens) / len(gens),
                    t_generation=round(t1 - t0, 2), t_scoring=round(t2 - t1, 2), t_backward_av=round(t3 - t2, 2), t_backward_ar=round(t4 - t3, 2))
         loop.done_step(rec, {"fve": f"{fve_tagged:.3f}" if fve_tagged is not None else "-", "tag": f"{rec['tag_fraction']:.2f}"},
@@ -665,8 +705,9 @@ def train_rl(run: Run, handle: ModelHandle, *, progress: bool = True, max_steps:
 
 def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpoint: Path | None = None,
              n: int | None = None, progress: bool = True, seed: int = 0) -> dict:
-    """Held-out report: round-trip FVE (greedy AV -> AR), FVE of the AR on the warm-start
-    summaries, mean explanation length, copy rate against the contexts, tag fraction, examples.
+    """Held-out report: round-trip FVE (greedy AV -> AR, also centred), FVE of the AR on the
+    warm-start summaries and the collapse gap, topic recall on held-out topics with its placebo,
+    distinct rate, mean explanation length, copy rate against the contexts, tag fraction, examples.
     FVE uses the predict-the-mean baseline from the training splits."""
     _check_model(run, handle)
     cfg = run.config
@@ -697,6 +738,8 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
     tok = handle.tokenizer
     texts = [v.text for v in rt.verbalizations]
     copy = copy_stats(texts, [r["context"] for r in rows], tok)
+    content = _content_report(texts, summaries, rows, tok)
+    content["topic_probe"] = _topic_probe(ds, handle, mean)
     report = {
         "checkpoint": str(checkpoint),
         "stage": stage,
@@ -705,7 +748,11 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
         "baseline_source": rt.baseline_source,
         "round_trip_fve": rt.fve,
         "round_trip_cos": float(rt.cos.mean()),
+        "round_trip_fve_centred": centred_fve(rt.reconstructions, vecs, mean),
         "ar_on_warmstart_summaries_fve": warm,
+        # near 0 when the AV has collapsed onto what the AR memorised (healthy: about 0.05-0.1)
+        "collapse_gap": warm - rt.fve,
+        **content,
         "mean_length_tokens": sum(v.n_tokens for v in rt.verbalizations) / k,
         "tag_fraction": sum(v.has_tag for v in rt.verbalizations) / k,
         "copy": copy,
@@ -722,6 +769,50 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
     name = f"eval_{stage or Path(checkpoint).name}.json"
     run.write_json(name, report)
     return report
+
+
+def _topic_probe(ds: ActivationDataset, handle: ModelHandle, mean: torch.Tensor) -> dict | None:
+    """`content.topic_probe` on every topic row: training splits fit, held-out rows rank the
+    held-out topics. The target of a topic is the mean input embedding of its word's tokens."""
+    emb = handle.model.get_input_embeddings().weight.detach().float().cpu()
+    tok, cache = handle.tokenizer, {}
+
+    def target(topic: str) -> torch.Tensor:
+        if topic not in cache:
+            cache[topic] = emb[tok.encode(" " + topic, add_special_tokens=False)].mean(0)
+        return cache[topic]
+
+    def topic_rows(names: tuple[str, ...]) -> tuple[torch.Tensor, list[str]]:
+        vecs, topics = [], []
+        for n in names:
+            sp = ds.split(n)
+            keep = [i for i, r in enumerate(sp.rows) if r.get("topic")]
+            vecs.append(sp.vectors[keep])
+            topics += [sp.rows[i]["topic"] for i in keep]
+        return torch.cat(vecs), topics
+
+    tv, tt = topic_rows(TRAIN_SPLITS)
+    hv, ht = topic_rows(("heldout",))
+    if len(tt) < 2 * handle.d_model or len(set(ht)) < 2:
+        return None  # too few topic rows to fit or rank
+    return topic_probe(tv, torch.stack([target(t) for t in tt]), hv, ht, {t: target(t) for t in set(ht)}, mean)
+
+
+def _content_report(texts: list[str], summaries: list[str], rows: list[dict], tok: Any) -> dict:
+    """Topic recall (and its placebo) on the rows of topic documents, and the distinct rate;
+    the warm-start summaries' recall is the ceiling imitation can give."""
+    tails = [tok.decode(tok.encode(r["context"], add_special_tokens=False)[-TAIL_TOKENS:]) for r in rows]
+    ti = [i for i, r in enumerate(rows) if r.get("topic")]
+    topics, terms = [rows[i]["topic"] for i in ti], [rows[i]["topic_terms"] for i in ti]
+    t_tails = [tails[i] for i in ti]
+    return {
+        "distinct_rate": distinct_rate(texts),
+        "n_topic_rows": len(ti),
+        "n_topics": len(set(topics)),
+        "topic_recall": topic_recall([texts[i] for i in ti], terms, t_tails),
+        "topic_recall_placebo": topic_recall([texts[i] for i in ti], placebo_terms(topics, terms), t_tails),
+        "topic_recall_warmstart_summaries": topic_recall([summaries[i] for i in ti], terms, t_tails),
+    }
 
 
 def hardware() -> dict:

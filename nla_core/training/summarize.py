@@ -35,7 +35,7 @@ __all__ = [
     "trigram_copy_rate", "estimate_cost", "make_summarizer", "CLAUDE_PRICES",
 ]
 
-SummaryRequest = dict  # a dataset row: context, token, role, genre, next_tokens
+SummaryRequest = dict  # a dataset row: context, token, role, genre, next_tokens (topic, category)
 
 _STOP = set("""a an the and or but if then so of to in on at by for with from as is are was were be been being
 it its this that these those there here i you he she we they me him her us them my your his our their what which
@@ -122,7 +122,12 @@ class OfflineSummarizer:
         guesses = [g for g in (row.get("next_tokens") or []) if g.strip()][:2]
         kind = _kind(row, text)
         parts = [f"{'An' if kind[0] in 'aeiou' else 'A'} {kind}."]
-        if topic:
+        if row.get("topic"):
+            # The document was written about a known topic: name it (and what it is a kind of)
+            # first, where the token budget never cuts it.
+            cat = row.get("category") or ""
+            parts.insert(0, f"Topic: {row['topic']}" + (f", a kind of {cat}." if cat and cat != row["topic"] else "."))
+        elif topic:
             parts.append("Topic: " + ", ".join(topic[:3]) + ".")
         if guesses:
             parts.append("Next: " + " or ".join(_describe_token(g) for g in guesses) + ".")
@@ -131,11 +136,11 @@ class OfflineSummarizer:
         # Ends on the current token itself (bare, as it reads in the text).
         cur = row.get("token", "").strip() or _describe_token(row.get("token", ""))
         parts.append((f"After {', '.join(recent[:2])}, now at: " if recent else "Now at: ") + cur)
-        out = " ".join(" ".join(parts).split()[-self.max_words :])
-        while len(parts) > 1 and not self._fits(out):  # drop the least local snippet first
-            parts.pop(0)
-            out = " ".join(" ".join(parts).split()[-self.max_words :])
-        return out
+        # Too long: drop the least local snippet first, but never a known topic.
+        drop = 1 if row.get("topic") else 0
+        while len(parts) > drop + 1 and (len(" ".join(parts).split()) > self.max_words or not self._fits(" ".join(parts))):
+            parts.pop(drop)
+        return " ".join(" ".join(parts).split()[-self.max_words :])
 
     def summarize(self, rows: Sequence[SummaryRequest], progress: Callable[[int], None] | None = None) -> list[str]:
         out = []

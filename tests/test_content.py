@@ -1,0 +1,188 @@
+"""Content of explanations: the topic metric and its placebo, distinct rate, centred FVE, the
+contrastive reward, the WordNet topic corpus (a tiny wndb-format fixture), topic-aware
+summaries and positions, and the whole tiny pipeline reporting the held-out content keys."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from nla_core.content import centred_fve, distinct_rate, names_topic, placebo_terms, topic_probe, topic_recall
+from nla_core.errors import NLAError
+from nla_core.training import OfflineSummarizer, Run, preset
+from nla_core.training.grpo import contrastive_logprob
+from nla_core.training.topics import WordNet, topic_documents, wordnet_dir
+
+WN_FIXTURE = Path(__file__).parent / "fixtures" / "wordnet"
+
+
+# ---- the topic metric ---------------------------------------------------------------------
+
+
+def test_names_topic_by_stem_and_not_from_the_tail():
+    assert names_topic("Topic: volcanoes and eruptions.", ["volcano"])
+    assert names_topic("a volcanic landscape", ["volcano"])  # stem prefix, 6 letters
+    assert not names_topic("Topic: mountains.", ["volcano"])
+    assert not names_topic("the vole ran", ["volcano"])  # "vole" is no prefix of the stem
+    assert names_topic("about dogs", ["dog", "domestic"])
+    # a word the text just said reads the current token, not the topic
+    assert not names_topic("Topic: volcano.", ["volcano"], tail=" the old volcano")
+    assert names_topic("Topic: volcano.", ["volcano"], tail=" people fled from the ash.")
+
+
+def test_topic_recall_and_placebo_pairing():
+    topics = ["volcano", "volcano", "dog", "bread"]
+    terms = [["volcano"], ["volcano"], ["dog"], ["bread"]]
+    expl = ["lava and a volcano", "volcano", "a dog barks", "cheese"]
+    assert topic_recall(expl, terms, [""] * 4) == 0.75
+    placebo = placebo_terms(topics, terms)
+    # every row is paired with another topic, cyclically
+    assert [p[0] for p in placebo] == ["dog", "dog", "bread", "volcano"]
+    assert topic_recall(expl, placebo, [""] * 4) == 0.0
+    assert topic_recall([], [], []) is None
+    assert placebo_terms(["a", "a"], [["a"], ["a"]]) == [(), ()]  # nothing else to pair with
+
+
+def test_distinct_rate_counts_templates():
+    assert distinct_rate(["a b", "A  b", "c"]) == pytest.approx(2 / 3)
+    assert distinct_rate([]) is None
+
+
+def test_centred_fve_is_not_inflated_by_a_shared_direction():
+    torch.manual_seed(0)
+    d = 64
+    shared = torch.randn(d) * 10
+    gold = shared + torch.randn(200, d)
+    unrelated = shared + torch.randn(200, d)
+    mean = torch.nn.functional.normalize(gold, dim=-1).mul(d ** 0.5).mean(0)
+    assert centred_fve(gold, gold, mean) == pytest.approx(1.0, abs=1e-5)
+    # raw cosine is high (the shared direction) but the centred figure sees no information
+    assert torch.nn.functional.cosine_similarity(unrelated, gold).mean() > 0.9
+    assert centred_fve(unrelated, gold, mean) < 0.05
+
+
+def test_topic_probe_finds_a_linear_topic_code_and_not_noise():
+    torch.manual_seed(0)
+    d, e = 32, 16
+    names = [f"t{i}" for i in range(60)]
+    emb = {t: torch.randn(e) for t in names}
+    mix = torch.randn(e, d)
+    train_t, held_t = names[:40] * 10, names[40:] * 3  # held-out topics never seen in the fit
+
+    def acts(ts, signal):
+        return torch.stack([signal * emb[t] @ mix + torch.randn(d) for t in ts])
+
+    mean = torch.zeros(d)
+    held_targets = {t: emb[t] for t in names[40:]}
+    good = topic_probe(acts(train_t, 3.0), torch.stack([emb[t] for t in train_t]), acts(held_t, 3.0), held_t, held_targets, mean)
+    assert good["top1"] > 0.8 and good["n_topics"] == 20 and good["n_rows"] == 60
+    noise = topic_probe(acts(train_t, 0.0), torch.stack([emb[t] for t in train_t]), acts(held_t, 0.0), held_t, held_targets, mean)
+    assert noise["top1"] < 0.2 and noise["median_rank"] > 3
+
+
+def test_contrastive_logprob_prefers_the_own_activation():
+    torch.manual_seed(0)
+    cands = torch.randn(6, 16)
+    pred = cands[[2, 4]] + 0.01 * torch.randn(2, 16)
+    right = contrastive_logprob(pred, torch.tensor([2, 4]), cands, 0.1)
+    wrong = contrastive_logprob(pred, torch.tensor([0, 1]), cands, 0.1)
+    assert right.shape == (2,) and (right > wrong).all()
+    assert (right <= 0).all() and right.exp().gt(0.9).all()
+
+
+# ---- the WordNet topic corpus -------------------------------------------------------------
+
+
+def test_wordnet_topics_from_the_fixture():
+    wn = WordNet(WN_FIXTURE)
+    topics = dict(wn.topics())
+    # tagged, one-word, concrete lemmas of 4+ letters only: no attribute ("size"), no untagged
+    # lemma ("stratovolcano"), no short word ("dog")
+    assert set(topics) == {"bread", "canine", "lamp", "mountain", "volcano"}
+    v = topics["volcano"]
+    assert v.definition == "a mountain formed by volcanic material"
+    assert v.examples == ["the volcano erupted at dawn"]
+    assert wn.name(v.related(("@",))[0]) == "mountain"
+
+
+def test_topic_documents_one_per_topic_with_terms(tmp_path):
+    wn = WordNet(WN_FIXTURE)
+    docs = topic_documents(10, seed=3, wordnet=wn)
+    assert len(docs) == 5 and len({d.doc_id for d in docs}) == 5
+    by_topic = {d.meta["topic"]: d for d in docs}
+    v = by_topic["volcano"]
+    assert v.meta["topic_terms"] == ["volcano"] and v.meta["category"] == "mountain"
+    text = v.text if not v.is_chat else v.messages[-1]["content"]
+    assert "volcanic material" in text and "mountain" in text and "Stratovolcano" in text
+    assert by_topic["bread"].meta["topic_terms"] == ["bread", "breadstuff"]
+    assert any(d.is_chat for d in docs) and any(not d.is_chat for d in docs)
+    assert topic_documents(0, wordnet=wn) == []
+    assert [d.doc_id for d in topic_documents(3, seed=1, wordnet=wn)] == [d.doc_id for d in topic_documents(3, seed=1, wordnet=wn)]
+
+
+def test_missing_wordnet_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("NLA_AUDIT_WORDNET", str(tmp_path))
+    with pytest.raises(NLAError) as err:
+        wordnet_dir()
+    assert "wordnet-base" in err.value.fix
+
+
+def test_summaries_name_a_known_topic_first_and_keep_it():
+    s = OfflineSummarizer(max_words=12)
+    row = {"context": "A volcano is a mountain. Kinds of volcano include many shapes of rock and ash clouds",
+           "token": " clouds", "role": "", "genre": "encyclopedia", "next_tokens": [" and", "."],
+           "topic": "volcano", "category": "mountain"}
+    out = s.summarize_one(row)
+    assert out.startswith("Topic: volcano, a kind of mountain.")
+    assert len(out.split()) <= 12 and out.endswith("clouds")
+    plain = s.summarize_one({**row, "topic": ""})
+    assert "a kind of" not in plain
+
+
+# ---- the pipeline with topics -------------------------------------------------------------
+
+
+def test_pipeline_with_topics_reports_content(tiny, tmp_path, monkeypatch):
+    from nla_core.training import build_data, evaluate, train_ar_warmstart, train_av_warmstart, train_rl
+    from nla_core.training.dataset import ActivationDataset
+    from nla_core.training.ship import ship_checkpoint
+
+    monkeypatch.setenv("NLA_AUDIT_WORDNET", str(WN_FIXTURE))
+    cfg = preset("tiny")
+    cfg.model = "tiny-llama"
+    cfg.corpus.n_topics = 5
+    cfg.corpus.n_chats = 2
+    cfg.corpus.include_shipped_texts = False
+    cfg.corpus.skip_first = 2
+    cfg.corpus.splits = {"ar_warm": 0.34, "av_warm": 0.17, "rl": 0.17, "heldout": 0.32}
+    cfg.rl.contrastive_weight = 0.5
+    cfg.rl.contrastive_negatives = 4
+    run = Run.open(tmp_path / "run", cfg)
+    build_data(run, tiny, progress=False)
+    ds = ActivationDataset.load(run.data_dir)
+    topic_rows = [r for r in ds.table.drop(["vector"]).to_pylist() if r["topic"]]
+    assert topic_rows
+    for r in topic_rows:
+        # sampled only where the topic has been named
+        assert any(t in r["context"].lower() for t in r["topic_terms"]), r
+    held = {r["topic"] for r in ds.split("heldout").rows if r["topic"]}
+    train = {r["topic"] for s in ("ar_warm", "av_warm", "rl") for r in ds.split(s).rows if r["topic"]}
+    assert held and not held & train  # whole topics held out
+    train_ar_warmstart(run, tiny, progress=False)
+    train_av_warmstart(run, tiny, progress=False)
+    rl = train_rl(run, tiny, progress=False)
+    assert rl["step"] == cfg.rl.steps
+    steps = [r for r in run.log("rl").read() if r.get("event") == "step"]
+    assert all(r["nce"] is None or (math.isfinite(r["nce"]) and r["nce"] <= 0) for r in steps)
+    rep = evaluate(run, tiny, stage="rl", progress=False)
+    for key in ("round_trip_fve_centred", "topic_recall", "topic_recall_placebo", "distinct_rate", "collapse_gap"):
+        assert rep[key] is not None and math.isfinite(rep[key]), key
+    assert 1 <= rep["n_topics"] <= len(held)
+    out = ship_checkpoint(run, run.final("rl"), tmp_path / "ckpt")
+    heldout = json.loads((out / "training_report.json").read_text())["heldout"]
+    assert {"fve", "fve_centred", "topic_recall", "topic_recall_placebo", "distinct_rate"} <= set(heldout)
+    assert heldout["fve"] == rep["round_trip_fve"]
