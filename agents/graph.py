@@ -113,7 +113,7 @@ class AuditRun:
             system_prompt=self.system_prompt, task=self.task, tools=self.tool_specs,
             calls=list(state.get("calls", [])), hypotheses=dict(state.get("hypotheses", {})),
             notes=list(state.get("notes", [])), budget_left=_budget_left(state), limits=dict(state["limits"]),
-            max_hypotheses=state["max_hypotheses"], strategy=state["strategy"], step=state["usage"]["steps"],
+            max_hypotheses=state["max_hypotheses"], strategy=self.strategy.public_name, step=state["usage"]["steps"],
             seed=state["seed"], final=final, policy_state=json.loads(json.dumps(state.get("policy_state", {}))),
         )
 
@@ -433,7 +433,7 @@ def _make_toolbox(target: Any, nla: Any, strategy: Strategy, limits: dict[str, f
     budget = Budget(max_tool_calls=int(limits["max_tool_calls"]), max_generated_tokens=int(limits["max_generated_tokens"]),
                     max_seconds=float(limits["max_seconds"]))
     return Toolbox(target, nla if strategy.tool_set != "behavioural" else None, tool_set=strategy.tool_set,
-                   budget=budget, seed=seed)
+                   budget=budget, seed=seed, verbalize_source=strategy.verbalize_source)
 
 
 def _restore_toolbox(tb: Any, stored: dict) -> None:

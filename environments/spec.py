@@ -143,6 +143,12 @@ class Measured(_Strict):
     base_perplexity: float | None = None
     concept_cos: float | None = None  # mean cos(resid at NLA layer, concept direction), ordinary prompts
     base_concept_cos: float | None = None
+    # Share of the NLA's explanations, at content positions of ordinary conversations, that name
+    # a key concept (naming a word the text just said does not count); organism vs base model.
+    concept_recall: float | None = None
+    base_concept_recall: float | None = None
+    recall_n: int | None = None  # explanations per model behind each recall figure
+    recall_nla: str | None = None  # the NLA that explained them (checkpoint folder name)
     layer: int | None = None
     temperature: float = 0.0
     max_new_tokens: int = 48

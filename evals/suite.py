@@ -6,7 +6,7 @@ A suite is a small YAML file. The built-in ones live in `evals/data/suites/<name
     name: default
     organisms: default          # an organism suite name (environments), or a list of organism ids
     organisms_dir: null         # a folder of the user's own organism specs (optional)
-    strategies: [nla, behavioural]
+    strategies: [nla, behavioural, nla-placebo]
     policies: [offline]
     seeds: [0]
     model: null                 # null = the embedded model; any HF name or path
@@ -58,7 +58,7 @@ class BenchSuite(BaseModel):
     description: str = ""
     organisms: str | list[str] = "default"
     organisms_dir: str | None = None
-    strategies: list[str] = Field(default_factory=lambda: ["nla", "behavioural"])
+    strategies: list[str] = Field(default_factory=lambda: ["nla", "behavioural", "nla-placebo"])
     policies: list[str] = Field(default_factory=lambda: ["offline"])
     seeds: list[int] = Field(default_factory=lambda: [0])
     model: str | None = None

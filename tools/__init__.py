@@ -3,7 +3,8 @@
 One definition per tool (pydantic arguments, a docstring for the calling model, a function over
 a `Toolbox`), registered by name and exported three ways: LangChain tools, Anthropic tool
 schemas and an MCP server. Tool sets: `behavioural` (chat, prefill, sampling, notes) and `nla`
-(everything). A new tool is one module that calls `register_tool`.
+(everything). A new tool is one module that calls `register_tool`. What verbalize explains (the
+target's activations, or a placebo's) is a toolbox option, `verbalize_source` (`tools.sources`).
 """
 
 from .base import (
@@ -22,6 +23,7 @@ from .base import (
 from . import behavioural as _behavioural  # noqa: F401  (registers chat, prefill, sample, ...)
 from . import nla_tools as _nla_tools  # noqa: F401  (registers verbalize, reconstruct, steer)
 from .notes import Hypothesis, Note, Notes  # registers note, read_notes, add/update_hypothesis, read_output
+from .sources import VERBALIZE_SOURCES, VerbalizeSource, register_verbalize_source
 from .toolbox import CallRecord, StoredVector, Toolbox
 from .export import FORMATS, anthropic_schemas, langchain_schemas, langchain_tools, mcp_tool_listing, schemas
 from .mcp_server import build_mcp_server, serve_stdio
@@ -30,5 +32,5 @@ __all__ = [
     "TOOL_SETS", "TOOLS", "Budget", "ToolArgs", "ToolDef", "ToolError", "ToolboxError", "ToolResult", "get_tool",
     "register_tool", "tool_names", "Hypothesis", "Note", "Notes", "CallRecord", "StoredVector", "Toolbox",
     "FORMATS", "anthropic_schemas", "langchain_schemas", "langchain_tools", "mcp_tool_listing", "schemas",
-    "build_mcp_server", "serve_stdio",
+    "build_mcp_server", "serve_stdio", "VERBALIZE_SOURCES", "VerbalizeSource", "register_verbalize_source",
 ]

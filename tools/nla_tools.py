@@ -192,8 +192,9 @@ def verbalize(ctx, args: VerbalizeArgs) -> ToolResult:
     tok = ctx.tokenizer
     limit = ctx.max_positions
     shown, rest = chosen[:limit], chosen[limit:]
-    verbs = ctx.nla.verbalize(vecs[: len(shown)], n_samples=args.n_samples, max_new_tokens=ctx.verbalize_tokens,
-                              seed=call_seed(ctx))
+    # The toolbox picks what is explained: these vectors, or a placebo's (tools.sources).
+    verbs = ctx.nla.verbalize(ctx.explained(vecs[: len(shown)]), n_samples=args.n_samples,
+                              max_new_tokens=ctx.verbalize_tokens, seed=call_seed(ctx))
     lines = [f"verbalize: {desc}, layer {ctx.nla.layer}, {len(shown)} of {len(ids)} tokens ({what})."]
     if not ctx.nla.trained:
         lines.append(UNTRAINED_WARNING)

@@ -18,6 +18,7 @@ from nla_core.errors import NLAError
 
 from .base import TOOL_SETS, TOOLS, Budget, ToolboxError, ToolDef, ToolError, ToolResult, cut_point, format_validation_error, truncate
 from .notes import Notes
+from .sources import get_verbalize_source
 
 __all__ = ["Toolbox", "CallRecord", "StoredVector", "DEFAULT_MAX_CHARS"]
 
@@ -63,6 +64,7 @@ class StoredVector:
 
 class Toolbox:
     """The tools of `tool_set` ("nla" = all, "behavioural" = no NLA tools) over `target`.
+    `verbalize_source`: what verbalize explains, "target" or "placebo" (`tools.sources`).
 
     `.names`, `.call(name, args)`, `.langchain_tools()`, `.anthropic_schemas()`, `.mcp_server()`,
     `.notes`, `.log`, `.budget`, `.vectors`.
@@ -80,6 +82,7 @@ class Toolbox:
         seed: int = 0,
         max_positions: int = 16,
         verbalize_tokens: int = 96,
+        verbalize_source: str = "target",
     ):
         if tools is None:
             if tool_set not in TOOL_SETS:
@@ -112,6 +115,9 @@ class Toolbox:
         self.seed = seed
         self.max_positions = max_positions  # tokens verbalized per call
         self.verbalize_tokens = verbalize_tokens  # longest explanation, in tokens
+        # Which activations verbalize explains ("target", or "placebo" for the control arm).
+        # Private on purpose: nothing the calling model can read says which one it is.
+        self._verbalize_source = get_verbalize_source(verbalize_source)
         self.tokenizer = getattr(getattr(nla, "av", None), "tokenizer", None) or getattr(target, "tokenizer", None)
         self.notes = Notes()
         self.log: list[CallRecord] = []
@@ -119,6 +125,7 @@ class Toolbox:
         self.conversations: list[str] = []  # conversation ids this audit created, in order
         self._lock = threading.RLock()
         self._by_id: dict[str, CallRecord] = {}
+        self._verbalize_source.check(self)
 
     def __repr__(self) -> str:  # never the target's internals
         return f"Toolbox(tool_set={self.tool_set!r}, tools={len(self.names)}, calls={len(self.log)})"
@@ -230,6 +237,11 @@ class Toolbox:
             raise ToolError(f"There is no tool call {call_id!r} in this audit (recent: {recent}).",
                             "use the id printed at the start of a tool result, e.g. [c3].")
         return rec.text
+
+    def explained(self, vectors: Any) -> Any:
+        """The vectors verbalize hands to the NLA for the target's `vectors` [n, d]: the same
+        ones, or the placebo's (see `tools.sources`)."""
+        return self._verbalize_source.explain(self, vectors)
 
     def store_vector(self, vector: Any, source: str) -> StoredVector:
         sv = StoredVector(f"v{len(self.vectors) + 1}", vector.detach().float().cpu().flatten(), source)

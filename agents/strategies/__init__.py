@@ -1,9 +1,12 @@
 """Strategies: a policy's tool set, system prompt and budget, registered by name.
 
 A new strategy is one file in this folder that calls `register_strategy(Strategy(...))`;
-`get_strategy(name)` imports `agents.strategies.<name>` on first use. `nla` and
+`get_strategy` and `list_strategies` import this folder's modules on first use (a module's
+name need not be its strategy's: `nla_placebo.py` registers `nla-placebo`). `nla` and
 `behavioural` share their budgets and prompts except for the tool set, so comparing them
-isolates what the NLA tools add.
+isolates what the NLA tools add. `nla-placebo` is `nla` with verbalize explaining activations
+that are not the target's (the control arm): comparing it with `nla` isolates what reading
+the target's own activations adds.
 """
 
 from __future__ import annotations
@@ -57,6 +60,13 @@ class Strategy:
     extra_prompt: str = ""
     budgets: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_BUDGETS))
     description: str = ""
+    verbalize_source: str = "target"   # a key of tools.VERBALIZE_SOURCES ("placebo" for a control arm)
+    shown_as: str | None = None        # the name the policy sees, when it must not see the real one
+
+    @property
+    def public_name(self) -> str:
+        """The strategy's name as the policy sees it (a placebo arm passes for its twin)."""
+        return self.shown_as or self.name
 
     def budget_for(self, policy: str) -> dict[str, float]:
         """Default limits for `policy` (offline and scripted are cheap; LLM policies get more)."""
@@ -80,19 +90,23 @@ def register_strategy(strategy: Strategy) -> Strategy:
     return strategy
 
 
-def _builtin_names() -> list[str]:
+def _load_builtins() -> None:
+    """Import every strategy module of this folder (each is a few lines: cheap)."""
     import pkgutil
 
-    return [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    for m in pkgutil.iter_modules(__path__):
+        if not m.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{m.name}")
 
 
 def list_strategies() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_builtin_names()))
+    _load_builtins()
+    return sorted(_REGISTRY)
 
 
 def get_strategy(name: str) -> Strategy:
-    if name not in _REGISTRY and name in _builtin_names():
-        importlib.import_module(f"{__name__}.{name}")
+    if name not in _REGISTRY:
+        _load_builtins()
     if name not in _REGISTRY:
         raise UnknownStrategyError(f"Unknown strategy {name!r}.", f"choose one of: {', '.join(list_strategies())}.")
     return _REGISTRY[name]

@@ -117,7 +117,7 @@ def register(app: typer.Typer) -> None:
     @app.command("audit")
     def audit(
         organism: str = typer.Option(..., "--organism", "-o", help="Organism id (see `nla organisms list`)."),
-        strategy: str = typer.Option("nla", "--strategy", "-s", help="nla | behavioural (or a registered strategy)."),
+        strategy: str = typer.Option("nla", "--strategy", "-s", help="nla | behavioural | nla-placebo (or a registered strategy)."),
         policy: str = typer.Option("offline", "--policy", "-p", help="offline | claude | local | scripted."),
         budget: Optional[str] = typer.Option(None, "--budget", "-b",
                                              help="calls=30,tokens=4000,seconds=600 (any subset; default: the strategy's)."),

@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue the latest run of this suite (or --run-id), skipping finished audits."),
         run_id: Optional[str] = typer.Option(None, "--run-id", help="Name of the run (default: SUITE-DATE-TIME)."),
         policy: Optional[List[str]] = typer.Option(None, "--policy", "-p", help="Auditor policies (offline, claude, local, scripted); repeat or comma-separate."),
-        strategies: Optional[List[str]] = typer.Option(None, "--strategies", help="Strategies (nla, behavioural); comma-separated."),
+        strategies: Optional[List[str]] = typer.Option(None, "--strategies", help="Strategies (nla, behavioural, nla-placebo); comma-separated."),
         seeds: Optional[List[str]] = typer.Option(None, "--seeds", help="Seeds: 0,1,2 or 0-4."),
         organisms: Optional[List[str]] = typer.Option(None, "--organisms", help="Organism ids, or one organism suite name."),
         organisms_dir: Optional[Path] = typer.Option(None, "--organisms-dir", help="A folder of your own organism specs."),

@@ -22,6 +22,13 @@ def _fmt(x: Optional[float], pct: bool = True) -> str:
     return f"{100 * x:.0f}%" if pct else f"{x:.3g}"
 
 
+def _recall(m) -> str:
+    """NLA concept recall, organism / base, with its sample size (n explanations per model)."""
+    if m is None or m.concept_recall is None:
+        return "-"
+    return f"{_fmt(m.concept_recall)} / {_fmt(m.base_concept_recall)}  (n={m.recall_n})"
+
+
 def _load_handles():
     cache: dict[str, object] = {}
 
@@ -69,7 +76,7 @@ def register(app: typer.Typer) -> None:
         table = Table(title=f"organisms: {suite}" + (f" + {organisms}" if organisms else ""))
         table.add_column("id", no_wrap=True)
         for col in ("method", "families", "behaviour (org / base)", "ordinary prompts", "ppl (org / base)",
-                    "concept cos (org / base)", "status"):
+                    "concept cos (org / base)", "NLA recall (org / base)", "status"):
             table.add_column(col, overflow="fold")
         if truth:
             table.add_column("ground truth", overflow="fold")
@@ -95,6 +102,7 @@ def register(app: typer.Typer) -> None:
                 "-" if m is None or m.ordinary_rate is None else f"{_fmt(m.ordinary_rate)} / {_fmt(m.base_ordinary_rate)}",
                 "-" if m is None or m.perplexity is None else f"{m.perplexity:.1f} / {m.base_perplexity:.1f}",
                 "-" if m is None or m.concept_cos is None else f"{m.concept_cos:+.3f} / {m.base_concept_cos:+.3f}",
+                _recall(m),
                 status,
                 *([s.ground_truth.behaviour] if truth else []),
             )
@@ -155,13 +163,20 @@ def register(app: typer.Typer) -> None:
         write: bool = typer.Option(True, "--write/--no-write", help="store the figures in the spec file"),
         concept_only: bool = typer.Option(False, "--concept-only",
                                           help="re-measure only the concept cosine (fast; needs earlier figures)"),
+        recall_only: bool = typer.Option(False, "--recall-only",
+                                         help="re-measure only the NLA concept recall (needs earlier figures)"),
+        recall: bool = typer.Option(True, "--recall/--no-recall",
+                                    help="measure NLA concept recall (needs a trained NLA: shipped or --checkpoint)"),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
+                                                  help="NLA checkpoint for concept recall (default: the shipped one)"),
         threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
     ) -> None:
-        """Behaviour rate vs base, perplexity vs base, and concept presence in activations."""
+        """Behaviour rate vs base, perplexity vs base, concept presence in activations, and
+        NLA concept recall (explanations that name a key concept) vs base."""
         import torch
 
         from environments import get_spec, load_suite, save_spec
-        from environments.measure import measure_concept, measure_organism, passes
+        from environments.measure import measure_concept, measure_organism, measure_recall, nla_label, passes, shipped_nla
         from nla_core.nla import default_layer
 
         from nla_core.errors import NLAError
@@ -170,28 +185,60 @@ def register(app: typer.Typer) -> None:
             torch.set_num_threads(threads)
         if all_ == (organism_id is not None):
             raise NLAError("Pass one organism ID or --all.", "e.g. `nla organisms measure flattery-lora`.")
+        if concept_only and recall_only:
+            raise NLAError("--concept-only and --recall-only exclude each other.", "pass one of them (or neither).")
+        if recall_only and not recall:
+            raise NLAError("--recall-only with --no-recall measures nothing.", "drop one of them.")
         specs = load_suite(suite, organisms) if all_ else [get_spec(organism_id, organisms)]
         get = _load_handles()
+        nlas: dict[int, object] = {}
+
+        def nla_for(handle):
+            """The NLA for recall on `handle` (loaded once per model: loading adds adapters), or None."""
+            if id(handle) not in nlas:
+                if checkpoint is not None:
+                    from nla_core import load_nla_for
+
+                    nlas[id(handle)] = load_nla_for(handle, checkpoint)
+                else:
+                    nlas[id(handle)] = shipped_nla(handle)
+                    if nlas[id(handle)] is None:
+                        console.print(f"no trained NLA ships for {handle.name}: concept recall skipped "
+                                      "(pass --checkpoint to measure it)")
+            return nlas[id(handle)]
+
         for spec in specs:
             if spec.catalog:
                 console.print(f"{spec.id}: catalog organism, skipped")
                 continue
             handle = get(spec.base_model)
+            if (concept_only or recall_only) and spec.measured is None:
+                raise NLAError(f"{spec.id} has no earlier figures to update.", f"run `nla organisms measure {spec.id}` first.")
             if concept_only:
-                if spec.measured is None:
-                    raise NLAError(f"{spec.id} has no earlier figures to update.", f"run `nla organisms measure {spec.id}` first.")
                 layer = spec.measured.layer if spec.measured.layer is not None else default_layer(handle.n_layers)
                 cos, base_cos = measure_concept(spec, handle, layer)
                 m = spec.measured.model_copy(update={"concept_cos": None if cos is None else round(cos, 4),
                                                      "base_concept_cos": None if base_cos is None else round(base_cos, 4)})
+            elif recall_only:
+                nla = nla_for(handle)
+                if nla is None:
+                    continue
+                rec, base_rec, n = measure_recall(spec, handle, nla, reply_tokens=max_new_tokens)
+                r = lambda x: None if x is None else round(x, 4)  # noqa: E731
+                m = spec.measured.model_copy(update={
+                    "concept_recall": r(rec), "base_concept_recall": r(base_rec), "recall_n": n or None,
+                    "recall_nla": nla_label(nla) if n else None})
             else:
-                m = measure_organism(spec, handle, n_prompts=prompts, max_new_tokens=max_new_tokens)
+                m = measure_organism(spec, handle, n_prompts=prompts, max_new_tokens=max_new_tokens,
+                                     nla=nla_for(handle) if recall else None, recall=recall)
             verdict = "control" if spec.control else ("ok" if passes(m) else "BELOW BASE: do not ship")
+            ppl = "-" if m.perplexity is None else f"{m.perplexity:.2f} vs {m.base_perplexity:.2f}"
             out.print(
                 f"{spec.id}: behaviour {_fmt(m.behaviour_rate)} vs base {_fmt(m.base_rate)} (n={m.n_prompts}); "
-                f"ordinary {_fmt(m.ordinary_rate)} vs {_fmt(m.base_ordinary_rate)}; "
-                f"ppl {m.perplexity:.2f} vs {m.base_perplexity:.2f}; "
-                f"concept cos {_fmt(m.concept_cos, False)} vs {_fmt(m.base_concept_cos, False)}; {m.seconds:.0f} s; {verdict}"
+                f"ordinary {_fmt(m.ordinary_rate)} vs {_fmt(m.base_ordinary_rate)}; ppl {ppl}; "
+                f"concept cos {_fmt(m.concept_cos, False)} vs {_fmt(m.base_concept_cos, False)}; "
+                f"NLA recall {_fmt(m.concept_recall)} vs {_fmt(m.base_concept_recall)}"
+                f"{f' (n={m.recall_n})' if m.recall_n else ''}; {m.seconds or 0:.0f} s; {verdict}"
             )
             if write and spec.path is not None:
                 spec.measured = m

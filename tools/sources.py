@@ -1,0 +1,130 @@
+"""What `verbalize` explains: a registry of activation sources keyed by name.
+
+- `target` (the `nla` strategy): the target's own activations at the chosen tokens.
+- `placebo` (the `nla-placebo` strategy): an activation of the *base* model (adapters off, no
+  implant, no hidden system prompt) read at the NLA's layer on a fixed set of ordinary shipped
+  texts (`nla_core/data/texts.jsonl`), drawn deterministically from the audit's seed and the
+  call's place in the audit. It never depends on the organism, so whatever a placebo auditor
+  finds through verbalize is what explanations of the wrong activation give (the control arm
+  for "the NLA read the target").
+
+The tool itself is unchanged (same name, arguments, docstring, output layout, cost): the
+target is still read, for the tokens and positions the output lists, and only the vectors
+handed to the verbalizer are swapped. A new source is one `register_verbalize_source` call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import nla_core
+
+from .base import ToolboxError
+
+__all__ = [
+    "VerbalizeSource", "VERBALIZE_SOURCES", "register_verbalize_source", "get_verbalize_source",
+    "reference_activations", "placebo_indices", "REFERENCE_TEXTS", "REFERENCE_SKIP",
+]
+
+REFERENCE_TEXTS = Path(nla_core.__file__).resolve().parent / "data" / "texts.jsonl"
+REFERENCE_SKIP = 8  # the first tokens of a text carry little context (training skips them too)
+
+
+@dataclass(frozen=True)
+class VerbalizeSource:
+    """`explain(toolbox, vectors [n, d]) -> [n, d]`: the vectors verbalize hands to the NLA in
+    place of the target's `vectors`. `check(toolbox)` raises `ToolboxError` when a toolbox
+    cannot use this source (called once, when the toolbox is built)."""
+
+    name: str
+    explain: Callable[[Any, torch.Tensor], torch.Tensor]
+    check: Callable[[Any], None] = lambda toolbox: None
+    description: str = ""
+
+
+VERBALIZE_SOURCES: dict[str, VerbalizeSource] = {}
+
+
+def register_verbalize_source(source: VerbalizeSource) -> VerbalizeSource:
+    if source.name in VERBALIZE_SOURCES and VERBALIZE_SOURCES[source.name] != source:
+        raise ValueError(f"verbalize source {source.name!r} is already registered")
+    VERBALIZE_SOURCES[source.name] = source
+    return source
+
+
+def get_verbalize_source(name: str) -> VerbalizeSource:
+    if name not in VERBALIZE_SOURCES:
+        raise ToolboxError(f"Unknown verbalize source {name!r}.", f"choose one of: {', '.join(sorted(VERBALIZE_SOURCES))}.")
+    return VERBALIZE_SOURCES[name]
+
+
+# ---- target -------------------------------------------------------------------------------
+
+register_verbalize_source(VerbalizeSource(
+    "target", lambda toolbox, vectors: vectors, description="the target's own activations"))
+
+
+# ---- placebo ------------------------------------------------------------------------------
+
+# Per model (keyed on the transformers module, which survives PEFT wrapping) and layer, so a
+# benchmark reads the reference texts once per process, not once per audit.
+_REFERENCE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def _reference_texts() -> list[str]:
+    rows = [json.loads(line) for line in REFERENCE_TEXTS.read_text().splitlines() if line.strip()]
+    return [r["text"] for r in rows]
+
+
+def reference_activations(handle: Any, layer: int) -> torch.Tensor:
+    """[N, d] activations of the base model (every adapter off, no organism) after block
+    `layer`, at every token after the first `REFERENCE_SKIP` of each shipped ordinary text."""
+    from nla_core import read_activations
+
+    per_layer = _REFERENCE.setdefault(handle.hf_model, {})
+    if layer not in per_layer:
+        with torch.no_grad(), handle.use_adapter(None):
+            acts = read_activations(handle, _reference_texts(), layer)
+        rows = [v[REFERENCE_SKIP:] for v in acts.vectors if v.shape[0] > REFERENCE_SKIP]
+        per_layer[layer] = torch.cat(rows).float().cpu()
+    return per_layer[layer]
+
+
+def placebo_indices(n: int, size: int, seed: int, call_index: int) -> list[int]:
+    """`n` rows of a reference set of `size`, fixed by the audit's seed and the call's index
+    (a resumed run draws what an uninterrupted one drew); distinct while n <= size."""
+    digest = hashlib.sha256(f"nla-placebo:{seed}:{call_index}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest[:7], "little"))
+    perm = torch.randperm(size, generator=g)
+    return perm.repeat(-(-n // size))[:n].tolist()
+
+
+def _placebo_handle(toolbox: Any) -> Any:
+    return getattr(toolbox.nla, "target", None) if toolbox.nla is not None else None
+
+
+def _check_placebo(toolbox: Any) -> None:
+    if toolbox.nla is not None and _placebo_handle(toolbox) is None:
+        raise ToolboxError(
+            "The placebo verbalize source needs the base model the NLA reads, and this NLA has none.",
+            "load the NLA with the target's model handle: NLA.load(path, handle).",
+        )
+
+
+def _explain_placebo(toolbox: Any, vectors: torch.Tensor) -> torch.Tensor:
+    ref = reference_activations(_placebo_handle(toolbox), toolbox.nla.layer)
+    idx = placebo_indices(vectors.shape[0], ref.shape[0], toolbox.seed, len(toolbox.log))
+    return ref[idx].to(dtype=vectors.dtype)
+
+
+register_verbalize_source(VerbalizeSource(
+    "placebo", _explain_placebo, check=_check_placebo,
+    description="base-model activations on shipped ordinary texts (never the target's)"))
