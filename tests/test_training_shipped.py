@@ -30,3 +30,15 @@ def test_shipped_checkpoint_loads_and_verbalizes():
     assert out[0].text.strip()
     rec = nla.reconstruct([out[0].text])
     assert rec.shape == (1, 576) and torch.isfinite(rec).all()
+
+
+def test_shipped_report_records_content_figures():
+    import json
+
+    from nla_core import default_checkpoint
+
+    heldout = json.loads((default_checkpoint() / "training_report.json").read_text())["heldout"]
+    for key in ("fve", "fve_centred", "topic_recall", "topic_recall_placebo", "distinct_rate"):
+        assert isinstance(heldout[key], float), key
+    assert 0.0 <= heldout["topic_recall"] <= 1.0 and 0.0 <= heldout["topic_recall_placebo"] <= 1.0
+    assert heldout["n"] >= 256 and heldout["topic_probe"]["n_topics"] >= 100
