@@ -186,3 +186,7 @@ def test_pipeline_with_topics_reports_content(tiny, tmp_path, monkeypatch):
     heldout = json.loads((out / "training_report.json").read_text())["heldout"]
     assert {"fve", "fve_centred", "topic_recall", "topic_recall_placebo", "distinct_rate"} <= set(heldout)
     assert heldout["fve"] == rep["round_trip_fve"]
+    # shipping an earlier stage records that stage's figures, not the latest stage's
+    warm = evaluate(run, tiny, stage="av_warmstart", progress=False)
+    out = ship_checkpoint(run, run.final("av_warmstart"), tmp_path / "ckpt-warm")
+    assert json.loads((out / "training_report.json").read_text())["heldout"]["fve"] == warm["round_trip_fve"]

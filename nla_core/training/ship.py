@@ -60,9 +60,6 @@ def training_report(run: Run, extra: dict | None = None) -> dict:
         "rl": curves(run, "rl", ("reward", "fve_samples", "nce", "tag_fraction", "kl", "ar_mse", "mean_tokens",
                                  "t_generation", "t_scoring", "t_backward_av", "t_backward_ar")),
     }
-    shipped_eval = rep.get("eval_rl") or rep.get("eval_av_warmstart")
-    if shipped_eval:
-        rep["heldout"] = heldout_figures(shipped_eval)
     head_fit = [r for r in run.log("ar_warmstart").read() if r.get("event") == "head_fit"]
     if head_fit:
         rep["ar_head_fit"] = head_fit[-1]
@@ -93,8 +90,10 @@ def ship_checkpoint(run: Run, source: Path, out: Path, *, dtype: torch.dtype = t
     meta = read_meta(source)
     meta.trained = True
     report = training_report(run, extra)
-    meta_extra = {"stage": source.parent.name if source.name in ("final", "ckpt") else source.name,
-                  "weights_dtype": str(dtype).replace("torch.", "")}
+    stage = source.parent.name if source.name in ("final", "ckpt") else source.name
+    if f"eval_{stage}" in report:  # the figures of the stage shipped, not of the latest one
+        report["heldout"] = heldout_figures(report[f"eval_{stage}"])
+    meta_extra = {"stage": stage, "weights_dtype": str(dtype).replace("torch.", "")}
     for key in ("eval_av_warmstart", "eval_rl"):
         if key in report:
             meta_extra[f"{key}_round_trip_fve"] = round(report[key]["round_trip_fve"], 4)

@@ -452,9 +452,14 @@ def train_ar_warmstart(run: Run, handle: ModelHandle, *, progress: bool = True, 
 
 def _ar_step(nla: NLA, opt: torch.optim.Optimizer, texts: list[str], targets: torch.Tensor, config: TrainConfig) -> float:
     """One optimiser step of the AR (adapter + head) on MSE of normalised vectors; the loss."""
+    with _trainable(nla.ar, nla.ar_adapter), _autocast(config):
+        pred = nla.predict(texts)
+    return _ar_update(nla, opt, pred, targets)
+
+
+def _ar_update(nla: NLA, opt: torch.optim.Optimizer, pred: torch.Tensor, targets: torch.Tensor) -> float:
+    """The optimiser step for an AR forward `pred` taken with grad; the loss."""
     with _trainable(nla.ar, nla.ar_adapter):
-        with _autocast(config):
-            pred = nla.predict(texts)
         loss = normalized_mse(pred, targets).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -676,12 +681,7 @@ def train_rl(run: Run, handle: ModelHandle, *, progress: bool = True, max_steps:
         # 4. AR step(s) on the fresh samples
         ar_mse = None
         if tagged:
-            with _trainable(nla.ar, nla.ar_adapter):
-                loss_ar = normalized_mse(pred, vg[tagged]).mean()
-                ar_opt.zero_grad(set_to_none=True)
-                loss_ar.backward()
-            ar_opt.step()
-            ar_mse = loss_ar.item()
+            ar_mse = _ar_update(nla, ar_opt, pred, vg[tagged])
             for _ in range(r.ar_steps_per_iter - 1):
                 ar_mse = _ar_step(nla, ar_opt, [bodies[i] for i in tagged], vg[tagged], cfg)
         t4 = time.time()
