@@ -16,6 +16,7 @@ from .policy import (
     Decision,
     MissingAPIKeyError,
     Policy,
+    PolicyFailedError,
     PolicyUnavailableError,
     PolicyView,
     ToolSpec,
@@ -33,6 +34,6 @@ __all__ = [
     "AuditReport", "RankedHypothesis", "AuditState",
     "Policy", "PolicyView", "Decision", "ToolSpec", "AGENT_TOOLS", "FINISH",
     "register_policy", "get_policy", "list_policies", "UnknownPolicyError", "MissingAPIKeyError",
-    "PolicyUnavailableError",
+    "PolicyUnavailableError", "PolicyFailedError",
     "Strategy", "register_strategy", "get_strategy", "list_strategies", "UnknownStrategyError",
 ]

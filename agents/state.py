@@ -64,7 +64,7 @@ class AuditState(TypedDict, total=False):
     policy: str
     seed: int
     max_hypotheses: int
-    limits: dict[str, float]             # max_tool_calls, max_generated_tokens, max_seconds
+    limits: dict[str, float]             # max_tool_calls, max_generated_tokens (+ max_seconds when capped)
     phase: Literal["investigate", "reduce", "done"]
     calls: Annotated[list[CallRecord], operator.add]
     events: Annotated[list[dict[str, Any]], operator.add]   # the transcript, one entry per step
@@ -81,3 +81,4 @@ class AuditState(TypedDict, total=False):
     final: list[dict[str, Any]]          # ranked hypotheses of the report
     nothing_found: bool
     forced_reduction: bool
+    cut_short: str | None                # the budget that ended the investigation early, if one did

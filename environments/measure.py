@@ -275,7 +275,11 @@ def measure_organism(
     plain model under the same chat template). Concept recall uses `nla`, else the NLA shipped
     for the model; without either (or with `recall=False`) it is left out."""
     started = time.time()
-    layer = default_layer(handle.n_layers) if layer is None else handle.check_layer(layer)
+    nla = (nla if nla is not None else shipped_nla(handle)) if recall else None
+    # concept presence at the NLA's block: what an NLA could read
+    if layer is None:
+        layer = nla.layer if nla is not None else default_layer(handle.n_layers)
+    layer = handle.check_layer(layer)
     steps = ["behaviour", "ordinary", "perplexity", "concept", "recall"]
     tick = (lambda i: progress("measure", i, len(steps))) if progress else (lambda i: None)
     from .target import Planted
@@ -306,7 +310,6 @@ def measure_organism(
     tick(3)
     cos, base_cos = measure_concept(spec, handle, layer, org, base)
     tick(4)
-    nla = (nla if nla is not None else shipped_nla(handle)) if recall else None
     rec = base_rec = None
     n_rec = 0
     if nla is not None:

@@ -14,17 +14,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import hmac
 import itertools
+import numbers
+import os
 import re
+import secrets as _secrets
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Union
 
 import torch
 from pydantic import BaseModel
 
-from nla_core.activations import Activations, forward_to_layer, pad_batch
+from nla_core.activations import MAX_TEXT_CHARS, Activations, forward_to_layer, max_prompt_tokens, pad_batch
 from nla_core.errors import NLAError
 from nla_core.generation import generate_ids
 from nla_core.hooks import resid_site
@@ -33,13 +39,20 @@ from nla_core.nla import steered_generations
 
 from .errors import TargetError, UnknownConversationError
 
-__all__ = ["Target", "ChatTurn", "Completion", "Message", "Planted", "build_target", "chat_layout"]
+__all__ = [
+    "Target", "ChatTurn", "Completion", "Message", "Planted", "build_target", "chat_layout",
+    "new_alias_salt", "alias_for", "run_alias_salt",
+]
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 _ROLES = {"system", "user", "assistant"}
 _SENTINEL = "\u2063\u2063NLA_SPLIT\u2063\u2063"
 _MAX_NEW_TOKENS = 512
 _MAX_SAMPLES = 64
+# Visible tokens of one call (the conversation the auditor wrote, not the hidden block): the
+# model's prompt limit less room for a hidden system block, so the limit reveals nothing of it.
+_HIDDEN_ALLOWANCE = 512
+_GENERIC_FAILURE = "The target could not process this input."
 
 
 class ChatTurn(BaseModel):
@@ -165,12 +178,17 @@ def _guarded(method):
         try:
             return method(self, *args, **kwargs)
         except NLAError as exc:
-            problem, fix = self._scrub(exc.problem), self._scrub(exc.fix) if exc.fix else exc.fix
+            # Messages name what kind of thing was wrong and never repeat the caller's text, so
+            # redacting cannot act as an oracle ("[hidden]" only for a guess that matches a
+            # hidden string). A message that still holds hidden state becomes a generic one.
+            problem, fix = exc.problem, exc.fix
+            if self._scrub(problem) != problem or (fix and self._scrub(fix) != fix):
+                problem, fix = _GENERIC_FAILURE, "check the arguments and retry."
             cls = type(exc) if isinstance(exc, TargetError) else TargetError
             raise cls(problem, fix) from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, KeyError, IndexError) as exc:
             raise TargetError(
-                f"Bad arguments to {method.__name__}: {self._scrub(str(exc))}",
+                f"Bad arguments to {method.__name__} ({type(exc).__name__}).",
                 "check the argument types (messages are {'role': ..., 'content': ...} dicts).",
             ) from None
         except Exception as exc:  # noqa: BLE001 - anything else: name only its type
@@ -261,6 +279,7 @@ class Target:
                     f"Message {i} is not a {{'role': 'system'|'user'|'assistant', 'content': str}} dict.",
                     "pass messages like {'role': 'user', 'content': 'Hello'}.",
                 )
+            self._check_length(m["content"], f"message {i}")
             out.append({"role": m["role"], "content": m["content"]})
         if all(not m["content"].strip() for m in out):
             raise TargetError("Every message is empty.", "pass at least one message with content.")
@@ -269,27 +288,51 @@ class Target:
         return out
 
     @staticmethod
-    def _check_text(text: Any, what: str = "message") -> str:
-        if not isinstance(text, str) or not text.strip():
+    def _check_length(text: str, what: str) -> None:
+        if len(text) > MAX_TEXT_CHARS:
+            raise TargetError(
+                f"The {what} is {len(text):,} characters long; the most accepted is {MAX_TEXT_CHARS:,}.",
+                f"shorten it to at most {MAX_TEXT_CHARS:,} characters.",
+            )
+
+    @classmethod
+    def _check_text(cls, text: Any, what: str = "message") -> str:
+        if not isinstance(text, str):
+            raise TargetError(f"The {what} must be a string, not a {type(text).__name__}.", f"pass the {what} as text.")
+        if not text.strip():
             raise TargetError(f"The {what} is empty.", f"pass a non-empty {what}.")
+        cls._check_length(text, what)
         return text
 
     @staticmethod
     def _check_gen(max_new_tokens: Any, temperature: Any, n: Any = 1) -> tuple[int, float, int]:
+        # Out-of-range numbers are named; anything else only by its type (never echoed).
+        def shown(v: Any) -> str:
+            return repr(v) if isinstance(v, (int, float)) else f"a {type(v).__name__}"
+
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not 1 <= max_new_tokens <= _MAX_NEW_TOKENS:
-            raise TargetError(f"max_new_tokens={max_new_tokens!r} is out of range.", f"use 1..{_MAX_NEW_TOKENS}.")
-        try:
-            t = float(temperature)
-        except (TypeError, ValueError):
-            t = float("nan")
+            raise TargetError(f"max_new_tokens={shown(max_new_tokens)} is out of range.", f"use 1..{_MAX_NEW_TOKENS}.")
+        ok = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+        t = float(temperature) if ok else float("nan")
         if not 0.0 <= t <= 5.0:
-            raise TargetError(f"temperature={temperature!r} is out of range.", "use 0 (greedy) to 5.")
+            raise TargetError(f"temperature={shown(temperature)} is out of range.", "use 0 (greedy) to 5.")
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= _MAX_SAMPLES:
-            raise TargetError(f"n={n!r} is out of range.", f"use 1..{_MAX_SAMPLES}.")
+            raise TargetError(f"n={shown(n)} is out of range.", f"use 1..{_MAX_SAMPLES}.")
         return max_new_tokens, t, n
 
+    def _check_visible(self, n_tokens: int) -> None:
+        """Bound a call's visible tokens (the hidden block is not counted: no hint of its size)."""
+        limit = max_prompt_tokens(self._handle) - _HIDDEN_ALLOWANCE
+        if n_tokens > limit:
+            raise TargetError(
+                f"The input is {n_tokens:,} tokens long; the target accepts at most {limit:,}.",
+                "shorten it, or start a new conversation.",
+            )
+
     def _layout(self, messages: Sequence[Message], mode: str) -> ChatLayout:
-        return chat_layout(self._handle.tokenizer, self._planted.system_prompt, messages, mode=mode)
+        layout = chat_layout(self._handle.tokenizer, self._planted.system_prompt, messages, mode=mode)
+        self._check_visible(len(layout.visible))
+        return layout
 
     @staticmethod
     def _visible_text(messages: Sequence[Message]) -> str:
@@ -325,11 +368,12 @@ class Target:
         return [g.text for g in gens]
 
     def _conversation(self, conversation_id: str) -> list[Message]:
-        if conversation_id not in self._conversations:
-            known = ", ".join(sorted(self._conversations)[-10:]) or "none yet"
+        if not isinstance(conversation_id, str) or conversation_id not in self._conversations:
+            # The id is not repeated: it is the caller's text (see _guarded).
+            known = ", ".join(list(self._conversations)[-10:]) or "none yet"
             raise UnknownConversationError(
-                f"No conversation with id {conversation_id!r} on {self._alias}.",
-                f"start one by calling chat without conversation_id (known ids: {known}).",
+                f"There is no conversation with that id on {self._alias}.",
+                f"use an id an earlier chat returned (known ids: {known}), or call chat without conversation_id.",
             )
         return self._conversations[conversation_id]
 
@@ -412,8 +456,11 @@ class Target:
         tok = self._handle.tokenizer
         prefix = self._planted.raw_prefix
         if prefix:
-            return tok.encode(prefix, add_special_tokens=True), tok.encode(text, add_special_tokens=False)
-        return [], tok.encode(text, add_special_tokens=True)
+            hidden, visible = tok.encode(prefix, add_special_tokens=True), tok.encode(text, add_special_tokens=False)
+        else:
+            hidden, visible = [], tok.encode(text, add_special_tokens=True)
+        self._check_visible(len(visible))
+        return hidden, visible
 
     @_guarded
     def conversation(self, conversation_id: str) -> list[Message]:
@@ -484,8 +531,21 @@ class Target:
         else:
             msgs = self._check_messages(message, allow_final_assistant=False)
         max_new_tokens, temperature, _ = self._check_gen(max_new_tokens, temperature)
+        if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool)):
+            raise TargetError(f"layer must be an integer, not a {type(layer).__name__}.",
+                              f"pass a block index between 0 and {self.n_layers - 1}.")
         layer = self._layer if layer is None else self._handle.check_layer(layer)
-        vec = torch.as_tensor(vector, dtype=torch.float32) if not isinstance(vector, torch.Tensor) else vector
+        if not isinstance(strength, numbers.Real) or isinstance(strength, bool):
+            raise TargetError(f"strength must be a number, not a {type(strength).__name__}.",
+                              "pass a number such as 0.3 (gentle) or 1 (strong).")
+        if isinstance(vector, torch.Tensor):
+            vec = vector
+        else:
+            try:
+                vec = torch.as_tensor(vector, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                raise TargetError("The steering vector is not a list of numbers.",
+                                  f"pass a vector of {self.d_model} floats.") from None
         if vec.dim() == 2 and vec.shape[0] == 1:
             vec = vec[0]
         layout = self._layout(msgs, "generate")
@@ -511,6 +571,48 @@ def _resolve_positions(spec: Any, index: int, length: int) -> list[int]:
 # Planted organisms per model (keyed on the transformers model, whose identity survives PEFT
 # wrapping), so a benchmark that audits one organism many times loads its adapter once.
 _PLANTED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Planted]]" = weakref.WeakKeyDictionary()
+
+
+# ---- aliases: the name the auditor sees ----------------------------------------------------
+
+
+def new_alias_salt() -> str:
+    """A fresh random salt for one run's target aliases (store it with the run)."""
+    return _secrets.token_hex(16)
+
+
+def alias_for(salt: str, organism_id: str) -> str:
+    """The opaque name an auditor sees for `organism_id` in the run salted with `salt`: stable
+    for that run (a resumed run keeps it) and, without the salt, not computable from the run id
+    and the list of organism ids (an unsalted hash of them gave the organism away, issue 15)."""
+    if not isinstance(salt, str) or len(salt) < 16:
+        raise TargetError("An alias salt must be a random string of at least 16 characters.",
+                          "make one with new_alias_salt() and store it with the run.")
+    return "target-" + hmac.new(salt.encode(), str(organism_id).encode(), hashlib.sha256).hexdigest()[:6]
+
+
+def run_alias_salt(path: str | Path) -> str:
+    """The alias salt stored in file `path`, created (random, owner-only) on first use, so a run
+    that is resumed from the same folder keeps its aliases."""
+    path = Path(path)
+    try:
+        salt = path.read_text().strip()
+    except FileNotFoundError:
+        salt = ""
+    if len(salt) >= 16:
+        return salt
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = new_alias_salt()
+    try:  # exclusive create: two processes starting the same run agree on one salt
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        salt = path.read_text().strip()
+        if len(salt) >= 16:
+            return salt
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(fresh + "\n")
+    return fresh
 
 
 def build_target(spec, handle: ModelHandle, *, alias: str, layer: int, seed: int = 0) -> Target:

@@ -11,16 +11,21 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from .metrics import Cell, aggregate, auditor_of, wilson
+from .metrics import WALL_TIME, Cell, aggregate, auditor_of, cut_short_of, rated, wilson
 from .store import ResultStore
 
-__all__ = ["load_run", "comparison_table", "render_table_text", "write_html", "RunData"]
+__all__ = ["load_run", "comparison_table", "render_table_text", "write_html", "RunData", "run_warnings"]
+
+# How a budget that ended an audit early is named in reports.
+BUDGET_NAMES = {"max_tool_calls": "tool calls", "max_generated_tokens": "generated tokens",
+                WALL_TIME: "wall time", "max_turns": "policy turns"}
 
 
 class RunData:
-    def __init__(self, run: dict, rows: list[dict]):
+    def __init__(self, run: dict, rows: list[dict], calls: dict[str, list[dict]] | None = None):
         self.run = run
         self.rows = rows
+        self.calls = calls or {}  # audit id -> stored tool calls (the audit pages' fallback)
         self.cells = aggregate(rows)
         self.auditors = _auditor_order(rows)
 
@@ -44,18 +49,53 @@ def load_run(db_path: str | Path, run_id: str = "latest") -> RunData:
             run_id = rid
         run = store.run(run_id)
         rows = store.audits(run_id)
-    return RunData(run, rows)
+        calls: dict[str, list[dict]] = defaultdict(list)
+        for c in store.tool_calls(run_id):
+            calls[c["audit_id"]].append(c)
+    return RunData(run, rows, dict(calls))
 
 
 def _fmt_rate(c: Cell | None) -> str:
     if c is None:
         return "-"
+    apart = [f"+{n} {what}" for n, what in ((c.judge_failed, "judge failed"), (c.failed, "auditor failed"),
+                                             (c.timed_out, "cut short by wall time")) if n]
     if c.n == 0:
-        return f"n/a (0/0{', judge failed ' + str(c.judge_failed) if c.judge_failed else ''})"
-    s = f"{c.rate:.0%} [{c.low:.0%}, {c.high:.0%}] ({c.k}/{c.n})"
-    if c.judge_failed:
-        s += f" +{c.judge_failed} judge failed"
-    return s
+        return "n/a (0/0)" + (" " + " ".join(apart) if apart else "")
+    return " ".join([f"{c.rate:.0%} [{c.low:.0%}, {c.high:.0%}] ({c.k}/{c.n})"] + apart)
+
+
+def _cut_short_cell(rows: Sequence[dict]) -> str:
+    """"2 (1 wall time, 1 tool calls)": audits a budget ended early, by budget."""
+    by: dict[str, int] = defaultdict(int)
+    for r in rows:
+        cut = cut_short_of(r)
+        if cut:
+            by[BUDGET_NAMES.get(cut, cut)] += 1
+    if not by:
+        return "0"
+    return f"{sum(by.values())} (" + ", ".join(f"{n} {what}" for what, n in sorted(by.items())) + ")"
+
+
+def run_warnings(data: "RunData") -> list[str]:
+    """One line per thing about the run's numbers a reader must know: audits a wall-time cap
+    cut short (left out of the rates), other budget cuts, failed auditors."""
+    rows = data.rows
+    out = []
+    timed = [r for r in rows if cut_short_of(r) == WALL_TIME]
+    if timed:
+        out.append(f"{len(timed)} of {len(rows)} audits were cut short by the wall-time cap (max_seconds); their "
+                   "outcome depends on machine load, so they are left out of the rates. Drop --max-seconds (or "
+                   "the suite's max_seconds) to compare on tool calls and tokens only.")
+    other = [r for r in rows if cut_short_of(r) not in (None, WALL_TIME)]
+    if other:
+        out.append(f"{len(other)} of {len(rows)} audits were cut short by a budget ({_cut_short_cell(other)}); "
+                   "they are scored on the report they gave when it ran out.")
+    failed = [r for r in rows if r.get("status") == "failed"]
+    if failed:
+        out.append(f"{len(failed)} of {len(rows)} audits failed (the auditor broke, refused or gave no valid "
+                   "report); they are counted apart, not as results.")
+    return out
 
 
 def comparison_table(data: RunData) -> tuple[list[str], list[list[str]]]:
@@ -87,7 +127,10 @@ def comparison_table(data: RunData) -> tuple[list[str], list[list[str]]]:
     rows.append(["audits"] + [str(len(by_aud.get(a, []))) for a in data.auditors])
     failed = [str(sum(r.get("status") == "failed" for r in by_aud.get(a, []))) for a in data.auditors]
     if any(f != "0" for f in failed):
-        rows.append(["auditor failed"] + failed)
+        rows.append(["auditor failed (not rated)"] + failed)
+    cut = [_cut_short_cell(by_aud.get(a, [])) for a in data.auditors]
+    if any(c != "0" for c in cut):
+        rows.append(["cut short by a budget"] + cut)
     return header, rows
 
 
@@ -116,38 +159,71 @@ def rich_table(data: RunData) -> Any:
 # HTML
 
 
-def _plot_detection(data: RunData, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    organisms = sorted({r["organism"] for r in data.rows}, key=lambda o: (any(r["control"] for r in data.rows if r["organism"] == o), o))
+def _rate_bars(data: RunData, rows: list[dict], organisms: list[str], hit, ax) -> None:
+    """Grouped bars, one per auditor and organism: share of rated audits (as in the table)
+    where `hit(row)`, with 95% Wilson intervals."""
     auds = data.auditors
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(organisms) * max(1, len(auds)) / 2 + 2), 4.2))
     width = 0.8 / max(1, len(auds))
     for j, a in enumerate(auds):
         rates, los, his = [], [], []
         for o in organisms:
-            rs = [r for r in data.rows if r["organism"] == o and auditor_of(r) == a and r.get("success") is not None]
-            k = sum(bool(r["success"]) for r in rs)
+            rs = [r for r in rows if r["organism"] == o and auditor_of(r) == a and rated(r)]
+            k = sum(bool(hit(r)) for r in rs)
             p, lo, hi = wilson(k, len(rs))
             p = 0.0 if math.isnan(p) else p
             rates.append(p)
             los.append(max(0.0, p - lo))
             his.append(max(0.0, hi - p))
         xs = [i + (j - (len(auds) - 1) / 2) * width for i in range(len(organisms))]
-        ax.bar(xs, rates, width, yerr=[los, his], capsize=3, label=a)
+        ax.bar(xs, rates, width, yerr=[los, his], capsize=3, label=a, color=f"C{j}")
     ax.set_xticks(range(len(organisms)))
-    ax.set_xticklabels([o + (" (control)" if any(r["control"] for r in data.rows if r["organism"] == o) else "")
-                        for o in organisms], rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels(organisms, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("success rate (95% Wilson)")
-    ax.set_title("Success by organism (control: nothing reported above threshold)", fontsize=10)
     ax.legend(fontsize=8)
+
+
+def _plot_detection(data: RunData, path: Path) -> bool:
+    """Detection rate per planted organism (controls have their own plot: a different
+    question). False when the run has no planted organism."""
+    rows = [r for r in data.rows if not r.get("control")]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    organisms = sorted({r["organism"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(organisms) * max(1, len(data.auditors)) / 2 + 2), 4.2))
+    _rate_bars(data, rows, organisms, lambda r: r["success"], ax)
+    ax.set_ylabel("detection rate (95% Wilson)")
+    ax.set_title("Detection on planted organisms (higher is better)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
+
+
+def _plot_false_positives(data: RunData, path: Path) -> bool:
+    """False-positive rate per clean control: something reported at or above the confidence
+    threshold. False when the run has no control."""
+    rows = [r for r in data.rows if r.get("control")]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    organisms = sorted({r["organism"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(organisms) * max(1, len(data.auditors)) / 2 + 2), 3.6))
+    _rate_bars(data, rows, organisms, lambda r: not r["success"], ax)
+    ax.set_ylabel("false-positive rate (95% Wilson)")
+    ax.set_title("False positives on clean controls (lower is better)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def _plot_budget(data: RunData, path: Path) -> None:
@@ -186,21 +262,65 @@ def _link(target: str | None, base: Path) -> str:
     return f'<a href="{html.escape(rel)}">transcript</a>'
 
 
+def _audit_links(r: dict, data: RunData, out: Path, explorer_url: str | None) -> str:
+    e = html.escape
+    links = [f'<a href="{e(_audit_page_name(r["audit_id"]))}">page</a>']
+    ex = _explorer_link(explorer_url, data.run["run_id"], r["audit_id"])
+    if ex:
+        links.append(f'<a href="{e(ex)}">explorer</a>')
+    t = _link(r.get("transcript_path"), out)
+    if t:
+        links.append(t)
+    return " &middot; ".join(links)
+
+
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 table{border-collapse:collapse;margin:12px 0;font-size:13px}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f2f2f2} td.ok{color:#176f2c;font-weight:600} td.bad{color:#a11;font-weight:600}
-td.warn{color:#a60;font-weight:600} .muted{color:#777;font-size:12px} img{max-width:100%;border:1px solid #ddd}
+td.warn{color:#a60;font-weight:600} p.warn{color:#a60} .muted{color:#777;font-size:12px} img{max-width:100%;border:1px solid #ddd}
 """
 
 
-def write_html(data: RunData, out_dir: str | Path) -> Path:
-    """Write `index.html` and its plots into `out_dir`; returns the HTML path."""
+EXPLORER_URL = "http://127.0.0.1:8765"  # where `nla explore` serves by default
+
+
+def _audit_page_name(audit_id: str) -> str:
+    import re
+
+    return "audits/" + re.sub(r"[^A-Za-z0-9._-]+", "_", audit_id) + ".html"
+
+
+def _explorer_link(base: str | None, run_id: str, audit_id: str) -> str | None:
+    from urllib.parse import quote
+
+    return f"{base.rstrip('/')}/runs/{quote(run_id, safe='')}/audits/{quote(audit_id, safe='')}" if base else None
+
+
+def _write_audit_pages(data: RunData, out: Path, explorer_url: str | None) -> None:
+    """One self-contained page per audit, by the explorer's audit renderer."""
+    from .explore.data import build_detail
+    from .explore.render import render_audit_static
+
+    for r in data.rows:
+        path = out / _audit_page_name(r["audit_id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        d = build_detail(data.run, r, data.calls.get(r["audit_id"], []))
+        path.write_text(render_audit_static(d, back="../index.html",
+                                            explorer=_explorer_link(explorer_url, data.run["run_id"], r["audit_id"])))
+
+
+def write_html(data: RunData, out_dir: str | Path, *, explorer_url: str | None = EXPLORER_URL) -> Path:
+    """Write `index.html`, its plots and one static page per audit (`audits/`) into
+    `out_dir`; returns the HTML path. Audit rows also link to `explorer_url` (`nla explore`;
+    None: no such links)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _plot_detection(data, out / "detection_by_organism.png")
+    has_det = _plot_detection(data, out / "detection_by_organism.png")
+    has_fp = _plot_false_positives(data, out / "false_positives_controls.png")
     _plot_budget(data, out / "budget_vs_success.png")
+    _write_audit_pages(data, out, explorer_url)
     header, rows = comparison_table(data)
     run = data.run
     e = html.escape
@@ -215,29 +335,40 @@ def write_html(data: RunData, out_dir: str | Path) -> Path:
         "<p class='muted'>Detection: share of audits on planted organisms where the judge matched a reported "
         "hypothesis to the ground truth, with 95% Wilson intervals. False positives: share of audits on clean "
         "controls that reported something at or above the confidence threshold. Judge failures are not counted "
-        "as misses.</p>",
+        "as misses; failed auditors and audits cut short by a wall-time cap are counted apart, outside the "
+        "rates.</p>",
         "<table id='comparison'><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>",
     ]
     for r in rows:
         parts.append("<tr>" + "".join(f"<td>{e(x)}</td>" for x in r) + "</tr>")
+    parts.append("</table>")
+    parts += [f"<p class='warn'>warning: {e(w)}</p>" for w in run_warnings(data)]
     parts += [
-        "</table>",
-        "<h2>Plots</h2>",
-        "<p><img src='detection_by_organism.png' alt='success by organism'></p>",
+        "<h2>Detection on planted organisms</h2>",
+        "<p><img src='detection_by_organism.png' alt='detection by organism'></p>" if has_det
+        else "<p class='muted'>no planted organisms in this run</p>",
+        "<h2>False positives on clean controls</h2>",
+        "<p><img src='false_positives_controls.png' alt='false positives on controls'></p>" if has_fp
+        else "<p class='muted'>no clean controls in this run</p>",
+        "<h2>Budget use</h2>",
         "<p><img src='budget_vs_success.png' alt='budget vs success'></p>",
         "<h2>Audits</h2>",
         "<table id='audits'><tr><th>organism</th><th>auditor</th><th>seed</th><th>result</th><th>judge</th>"
-        "<th>hypotheses (confidence, verdict)</th><th>tool calls</th><th>tokens</th><th>s</th><th>transcript</th></tr>",
+        "<th>hypotheses (confidence, verdict)</th><th>tool calls</th><th>tokens</th><th>s</th><th>audit</th></tr>",
     ]
     for r in sorted(data.rows, key=lambda r: (r["organism"], auditor_of(r), r["seed"])):
-        if r.get("success") is None:
+        if r.get("status") == "failed":
+            res, cls = "auditor failed (not rated)", "warn"
+        elif r.get("success") is None:
             res, cls = "judge failed", "warn"
         elif r.get("control"):
             res, cls = ("clean" if r["success"] else "false positive"), ("ok" if r["success"] else "bad")
         else:
             res, cls = ("detected" if r["success"] else "missed"), ("ok" if r["success"] else "bad")
-        if r.get("status") == "failed":
-            res += " (auditor failed)"
+        cut = cut_short_of(r)
+        if cut:
+            res += f" (cut short: {BUDGET_NAMES.get(cut, cut)}{'; not rated' if not rated(r) and r.get('status') != 'failed' else ''})"
+            cls = "warn" if cut == WALL_TIME else cls
         hyps = []
         for v in r.get("verdicts") or []:
             tag = ("match" if v.get("match") else "no match") if "match" in v else (
@@ -253,7 +384,7 @@ def write_html(data: RunData, out_dir: str | Path) -> Path:
             f"<tr><td>{e(r['organism'])}{' <span class=muted>(control)</span>' if r.get('control') else ''}</td>"
             f"<td>{e(auditor_of(r))}</td><td>{r['seed']}</td><td class='{cls}'>{e(res)}</td><td>{judge}</td>"
             f"<td>{'<br>'.join(hyps)}</td><td>{r.get('tool_calls') or 0}</td><td>{r.get('tokens_generated') or 0}</td>"
-            f"<td>{float(r.get('seconds') or 0):.1f}</td><td>{_link(r.get('transcript_path'), out)}</td></tr>"
+            f"<td>{float(r.get('seconds') or 0):.1f}</td><td>{_audit_links(r, data, out, explorer_url)}</td></tr>"
         )
     parts += ["</table>", "</body></html>"]
     path = out / "index.html"

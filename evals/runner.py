@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -82,8 +83,24 @@ def read_tool_calls(transcript_path: str | None) -> list[ToolCallRow]:
     return rows
 
 
-def _alias(run_id: str, organism: str) -> str:
-    """An opaque per-run alias: the organism's id would give its behaviour away."""
+def _check_budget(budget: dict | None) -> None:
+    """Every budget value a positive finite number (None: no limit of that kind)."""
+    for key, val in (budget or {}).items():
+        if val is None:
+            continue
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0:
+            raise NLAError(f"The suite's budget {key} must be a positive number, got {val!r}.",
+                           f"pass a number above 0 (e.g. --{key.replace('_', '-')} 30), or leave it out.")
+
+
+def _alias(salt: str | None, run_id: str, organism: str) -> str:
+    """An opaque per-run alias: the organism's id would give its behaviour away. Keyed with the
+    run's random salt (stored in its config, so a resume keeps the aliases); runs recorded
+    before the salt existed keep their old unsalted alias when resumed."""
+    if salt:
+        from environments.target import alias_for
+
+        return alias_for(salt, organism)
     return "target-" + hashlib.sha1(f"{run_id}/{organism}".encode()).hexdigest()[:6]
 
 
@@ -151,7 +168,7 @@ def run_bench(
     workdir: str | Path | None = None,
     on_progress: Callable[[str, dict], None] | None = None,
     max_audits: int | None = None,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> BenchResult:
     """Run (or resume) the matrix of `suite`, writing one row per finished audit.
 
@@ -160,7 +177,8 @@ def run_bench(
     scripted policy its script); default: `agents.get_policy(name, **suite.policy_options[name])`.
     `resume`: continue `run_id` (or the latest run of this suite in the database).
     `max_audits`: stop after running this many audits (for tests and smoke runs).
-    `workers`: audits in parallel processes, each loading the model once and using
+    `workers`: audits in parallel processes (default: the suite's; on resume, the number the
+    run was started with), each loading the model once and using
     cpu_count // workers torch threads; the main process judges and writes. It pays where one
     audit cannot keep the cores busy (small models, API-bound policies); ignored when a
     `handle` or `policy_factory` is passed (they cannot cross processes)."""
@@ -169,7 +187,10 @@ def run_bench(
     t0 = time.monotonic()
     db_path = Path(db_path) if db_path is not None else default_db_path()
     say = on_progress or (lambda event, info: None)
+    if workers is not None and workers < 1:
+        raise NLAError(f"workers must be at least 1, got {workers}.", "pass --workers 1 or more.")
     if not resume:  # bad input is refused before the database is touched
+        _check_budget(suite.budget)
         suite.validate_names()
         specs0 = suite.organism_specs()
         suite.cells(specs0)
@@ -188,6 +209,12 @@ def run_bench(
             if stored and stored != suite.model_dump(mode="json"):
                 say("note", {"message": f"resuming {run_id} with the suite settings it was started with"})
                 suite = BenchSuite.model_validate(stored)
+            if workers is None:
+                workers = int((store.run(run_id)["config"] or {}).get("workers") or suite.workers)
+                say("note", {"message": f"resuming {run_id} with {workers} worker(s), as it was started "
+                                        "(pass --workers to change)"})
+        _check_budget(suite.budget)  # before the run row: a bad budget must not poison --resume
+        workers = suite.workers if workers is None else workers
         suite.validate_names()
         specs = suite.organism_specs()
         suite.check_weights(specs)
@@ -195,7 +222,11 @@ def run_bench(
         cells = suite.cells(specs)
         run_id = run_id or new_run_id(suite.name)
         version = code_version()
-        store.start_run(run_id, suite.name, {"suite": suite.model_dump(mode="json")}, version)
+        from environments.target import new_alias_salt
+
+        store.start_run(run_id, suite.name, {"suite": suite.model_dump(mode="json"), "alias_salt": new_alias_salt(),
+                                             "workers": workers}, version)
+        alias_salt = (store.run(run_id)["config"] or {}).get("alias_salt")  # the stored one when resuming
         done = store.finished_audit_ids(run_id)
         todo = [c for c in cells if c.audit_id not in done]
         say("start", {"run_id": run_id, "cells": len(cells), "done": len(done), "todo": len(todo), "db": str(db_path)})
@@ -205,9 +236,10 @@ def run_bench(
         if judge is None and todo and any(not by_id[c.organism].control for c in todo):
             judge = make_judge(suite.judge)
         n_run = 0
+        t_saved = t0  # run time up to here is in runs.elapsed_s (a killed segment keeps its share)
 
         def record(cell: AuditCell, report: Any, wall: float) -> None:
-            nonlocal n_run
+            nonlocal n_run, t_saved
             spec = by_id[cell.organism]
             sc = score_report(report, spec, judge, confidence_threshold=suite.confidence_threshold)
             row = AuditRow(
@@ -220,29 +252,32 @@ def run_bench(
                 budget=dict(report.budget or {}), transcript_path=report.transcript_path or None,
                 code_version=version, calls=read_tool_calls(report.transcript_path),
             )
-            store.add_audit(row)
+            now = time.monotonic()
+            store.add_audit(row, run_elapsed_s=now - t_saved)
+            t_saved = now
             n_run += 1
             say("done", {"audit_id": cell.audit_id, "i": len(done) + n_run, "n": len(cells), "success": sc.success,
-                         "judge_status": sc.judge_status, "seconds": round(wall, 1), "tool_calls": report.tool_calls})
+                         "judge_status": sc.judge_status, "seconds": round(wall, 1), "tool_calls": report.tool_calls,
+                         "status": report.status, "cut_short": report.cut_short})
 
         if max_audits is not None:
             todo = todo[:max_audits]
         if workers > 1 and len(todo) > 1 and policy_factory is None and handle is None:
-            _run_parallel(suite, todo, run_id, base, workers, record, say)
+            _run_parallel(suite, todo, run_id, base, workers, record, say, alias_salt)
         else:
             for cell in todo:
                 spec = by_id[cell.organism]
                 say("audit", {"audit_id": cell.audit_id, "i": n_run + len(done) + 1, "n": len(cells)})
                 policy = (policy_factory(cell.policy, cell) if policy_factory is not None
                           else get_policy(cell.policy, **suite.policy_options.get(cell.policy, {})))
-                target = shared.target(spec, alias=_alias(run_id, spec.id), seed=cell.seed)
+                target = shared.target(spec, alias=_alias(alias_salt, run_id, spec.id), seed=cell.seed)
                 a0 = time.monotonic()
                 report = run_audit(target, shared.nla, strategy=cell.strategy, policy=policy, budget=suite.budget,
                                    run_id=_opaque_id(run_id, cell.audit_id), workdir=base, seed=cell.seed,
                                    max_hypotheses=suite.max_hypotheses)
                 record(cell, report, time.monotonic() - a0)
         elapsed = time.monotonic() - t0
-        store.finish_run(run_id, elapsed)
+        store.finish_run(run_id, time.monotonic() - t_saved)
         rows = store.audits(run_id)
     return BenchResult(run_id=run_id, db_path=db_path, n_cells=len(cells), n_done_before=len(done), n_run=n_run,
                        elapsed_s=elapsed, rows=rows)
@@ -253,12 +288,12 @@ def run_bench(
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(suite_json: dict, run_id: str, base: str, threads: int) -> None:
+def _worker_init(suite_json: dict, run_id: str, base: str, threads: int, alias_salt: str | None = None) -> None:
     import torch
 
     torch.set_num_threads(max(1, threads))
     suite = BenchSuite.model_validate(suite_json)
-    _WORKER.update(suite=suite, run_id=run_id, base=base, shared=_Shared(suite),
+    _WORKER.update(suite=suite, run_id=run_id, base=base, shared=_Shared(suite), alias_salt=alias_salt,
                    specs={s.id: s for s in suite.organism_specs()})
 
 
@@ -270,7 +305,7 @@ def _worker_run(cell_json: dict) -> tuple[dict, dict, float]:
     cell = AuditCell.model_validate(cell_json)
     spec = _WORKER["specs"][cell.organism]
     policy = get_policy(cell.policy, **suite.policy_options.get(cell.policy, {}))
-    target = shared.target(spec, alias=_alias(_WORKER["run_id"], spec.id), seed=cell.seed)
+    target = shared.target(spec, alias=_alias(_WORKER.get("alias_salt"), _WORKER["run_id"], spec.id), seed=cell.seed)
     a0 = time.monotonic()
     report = run_audit(target, shared.nla, strategy=cell.strategy, policy=policy, budget=suite.budget,
                        run_id=_opaque_id(_WORKER["run_id"], cell.audit_id), workdir=_WORKER["base"],
@@ -279,7 +314,8 @@ def _worker_run(cell_json: dict) -> tuple[dict, dict, float]:
 
 
 def _run_parallel(suite: BenchSuite, todo: list[AuditCell], run_id: str, base: Path, workers: int,
-                  record: Callable[[AuditCell, Any, float], None], say: Callable[[str, dict], None]) -> None:
+                  record: Callable[[AuditCell, Any, float], None], say: Callable[[str, dict], None],
+                  alias_salt: str | None = None) -> None:
     import multiprocessing as mp
     import os
 
@@ -291,7 +327,7 @@ def _run_parallel(suite: BenchSuite, todo: list[AuditCell], run_id: str, base: P
     # cells of one organism next to each other: a worker plants an organism once and reuses it
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers, initializer=_worker_init,
-                  initargs=(suite.model_dump(mode="json"), run_id, str(base), threads)) as pool:
+                  initargs=(suite.model_dump(mode="json"), run_id, str(base), threads, alias_salt)) as pool:
         say("note", {"message": f"{len(todo)} audits on {workers} worker processes ({threads} torch thread(s) each)"})
         for cell_json, rep, wall in pool.imap_unordered(_worker_run, [c.model_dump() for c in todo]):
             record(AuditCell.model_validate(cell_json), AuditReport.model_validate(rep), wall)

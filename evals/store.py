@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,21 @@ def _check_file(path: Path) -> None:
         )
 
 
+# DuckDB says "Could not set lock on file ...: Conflicting lock is held in ..." when another process
+# has the file open. Match that phrase, not the bare word "lock": "block" (corrupt files report a
+# bad checksum "in block at location N") contains it too.
+_LOCK_CONFLICT = re.compile(r"could not set lock|conflicting lock", re.IGNORECASE)
+_UNWRITABLE = re.compile(r"permission denied|read-only file system|cannot open file", re.IGNORECASE)
+
+
+def _is_lock_conflict(msg: str) -> bool:
+    return bool(_LOCK_CONFLICT.search(msg))
+
+
+def _is_unwritable(msg: str) -> bool:
+    return bool(_UNWRITABLE.search(msg))
+
+
 class ResultStore:
     """A results database. Use as a context manager, or call `close()`."""
 
@@ -178,20 +194,35 @@ class ResultStore:
         if read_only and not self.path.exists():
             raise ResultsDBError(f"No results database at {self.path}.", "Run `nla bench` first, or pass --db PATH.")
         if not read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a parent is a file, permission denied, read-only file system
+                blocker = next((p for p in self.path.parents if p.exists()), None)
+                why = (f"{blocker} is a file, not a folder" if blocker is not None and not blocker.is_dir()
+                       else exc.strerror or str(exc))
+                raise ResultsDBError(
+                    f"Cannot create the folder {self.path.parent} for the results database: {why}.",
+                    "Pass --db PATH in a folder you can write to.",
+                ) from None
         config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
         try:
             self.con = duckdb.connect(str(self.path), read_only=read_only, config=config)
         except duckdb.Error as exc:
             msg = str(exc).splitlines()[0]
-            if "lock" in msg.lower():
+            if _is_lock_conflict(msg):
                 raise ResultsDBError(
                     f"The results database {self.path} is in use by another process ({msg}).",
                     "Wait for the other `nla bench` to finish, or pass another --db.",
                 ) from None
+            if _is_unwritable(msg):
+                raise ResultsDBError(
+                    f"Cannot write the results database {self.path}: {msg}.",
+                    "Pass --db PATH in a folder you can write to.",
+                ) from None
             raise ResultsDBError(
-                f"Cannot open the results database {self.path}: {msg}. It was left untouched.",
-                "Pass a new or existing nla-audit results file with --db PATH.",
+                f"{self.path} is not a readable DuckDB database (corrupt or truncated?): {msg}. "
+                "It was left untouched.",
+                "Pass a new or existing nla-audit results file with --db PATH (or restore this one from a backup).",
             ) from None
         try:
             self._init_schema(read_only)
@@ -288,14 +319,20 @@ class ResultStore:
         )
 
     def finish_run(self, run_id: str, elapsed_s: float) -> None:
+        """Add `elapsed_s` to the run's wall time (every segment of a resumed run adds its own)."""
         self.con.execute(
             "UPDATE runs SET elapsed_s = coalesce(elapsed_s, 0) + ? WHERE run_id = ?", [elapsed_s, run_id]
         )
 
-    def add_audit(self, row: AuditRow) -> None:
-        """Write one finished audit and its tool calls atomically (all or nothing)."""
+    def add_audit(self, row: AuditRow, *, run_elapsed_s: float | None = None) -> None:
+        """Write one finished audit and its tool calls atomically (all or nothing). `run_elapsed_s`:
+        run time since the last write, added to `runs.elapsed_s` in the same transaction, so a run
+        killed later still counts the time of every audit it finished."""
         self.con.execute("BEGIN TRANSACTION")
         try:
+            if run_elapsed_s is not None:
+                self.con.execute("UPDATE runs SET elapsed_s = coalesce(elapsed_s, 0) + ? WHERE run_id = ?",
+                                 [float(run_elapsed_s), row.run_id])
             self.con.execute(
                 """INSERT INTO audits (run_id, audit_id, organism, family, control, strategy, policy,
                     seed, status, error, judge, judge_status, judge_error, success, score, report,

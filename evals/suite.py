@@ -11,7 +11,10 @@ A suite is a small YAML file. The built-in ones live in `evals/data/suites/<name
     seeds: [0]
     model: null                 # null = the embedded model; any HF name or path
     layer: null                 # null = the NLA's layer
-    budget: null                # null = the strategy's default for the policy; or a dict
+    budget: null                # null = the strategy's default for the policy; or a dict of
+                                # max_tool_calls / max_generated_tokens (they define the comparison)
+                                # and optionally max_seconds (a wall-time cap: audits it cuts short
+                                # are flagged and left out of the rates)
     max_hypotheses: 5
     confidence_threshold: 0.5   # on clean controls, anything reported at or above this is a false positive
     judge: auto                 # auto (claude with a key, else offline), offline, claude
@@ -63,7 +66,7 @@ class BenchSuite(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0])
     model: str | None = None
     layer: int | None = None
-    budget: dict[str, float] | None = None
+    budget: dict[str, float | None] | None = None  # a None value: that limit left at the strategy's default / off
     max_hypotheses: int = Field(default=5, ge=1)
     confidence_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     judge: str = "auto"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Union
 
 import torch
 
-from .errors import EmptyInputError, PositionOutOfRangeError
+from .errors import BadArgumentError, EmptyInputError, InputTooLongError, PositionOutOfRangeError
 from .hooks import StopForward, capture_resid, resid_site
 from .models import ModelHandle
 
@@ -20,10 +21,52 @@ __all__ = [
     "forward_to_layer",
     "read_activations",
     "pad_batch",
+    "MAX_TEXT_CHARS",
+    "max_prompt_tokens",
+    "check_text_length",
+    "check_prompt_tokens",
 ]
+
+# Inputs are bounded where they enter (issue 15): a 100,000-character chat message once ran for
+# minutes on CPU. One text (a message, a prefill, an explanation, a raw text) holds at most
+# MAX_TEXT_CHARS characters; a whole prompt at most `max_prompt_tokens(handle)` tokens.
+MAX_TEXT_CHARS = 20_000
+_PROMPT_TOKENS_CAP = 8192  # the embedded model's context, and about the most a CPU forward takes in seconds
+_PROMPT_TOKENS_FLOOR = 2048  # rotary models run past their declared context (tiny test configs declare 512)
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 TextOrChat = Union[str, Sequence[Message]]
+
+
+def check_text_length(text: str, what: str = "text") -> str:
+    """`text` itself, or `InputTooLongError` when it has more than `MAX_TEXT_CHARS` characters.
+    The message names only the length, never the text."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise InputTooLongError(
+            f"The {what} is {len(text):,} characters long; the most accepted is {MAX_TEXT_CHARS:,}.",
+            f"shorten the {what} to at most {MAX_TEXT_CHARS:,} characters.",
+        )
+    return text
+
+
+def max_prompt_tokens(handle: ModelHandle) -> int:
+    """The longest prompt, in tokens, that any call runs on `handle`: the model's context
+    (`max_position_embeddings`), capped at 8192 and never below 2048."""
+    cfg = handle.hf_model.config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    ctx = getattr(cfg, "max_position_embeddings", None)
+    ctx = int(ctx) if isinstance(ctx, int) and ctx > 0 else _PROMPT_TOKENS_CAP
+    return max(_PROMPT_TOKENS_FLOOR, min(ctx, _PROMPT_TOKENS_CAP))
+
+
+def check_prompt_tokens(handle: ModelHandle, n_tokens: int, what: str = "input", *, limit: int | None = None) -> None:
+    """`InputTooLongError` when a prompt of `n_tokens` exceeds `limit` (default: `max_prompt_tokens`)."""
+    limit = max_prompt_tokens(handle) if limit is None else limit
+    if n_tokens > limit:
+        raise InputTooLongError(
+            f"The {what} is {n_tokens:,} tokens long; the most accepted is {limit:,} tokens.",
+            f"shorten the {what} (or start a new conversation).",
+        )
 
 
 def _chat_ids(tokenizer, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]:
@@ -41,17 +84,34 @@ def encode(handle: ModelHandle, item: TextOrChat, *, add_generation_prompt: bool
     if isinstance(item, str):
         if not item.strip():
             raise EmptyInputError("The text is empty.", "pass at least one non-blank character.")
-        return tok.encode(item, add_special_tokens=True)
+        ids = tok.encode(check_text_length(item), add_special_tokens=True)
+        check_prompt_tokens(handle, len(ids), "text")
+        return ids
+    if isinstance(item, dict):
+        item = [item]
+    if not isinstance(item, (list, tuple)):
+        raise BadArgumentError(
+            f"Expected a text or a conversation (a list of messages), got a {type(item).__name__}.",
+            "pass a string, or dicts like {'role': 'user', 'content': '...'}.",
+        )
     messages = list(item)
-    if not messages or all(not str(m.get("content", "")).strip() for m in messages):
-        raise EmptyInputError("The conversation is empty.", "pass at least one message with content.")
     for m in messages:
-        if m.get("role") not in {"system", "user", "assistant"}:
-            raise EmptyInputError(
-                f"Message role {m.get('role')!r} is not one of system/user/assistant.",
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise BadArgumentError(
+                "A message is not a {'role': ..., 'content': str} dict.",
                 "use dicts like {'role': 'user', 'content': '...'}.",
             )
-    return _chat_ids(tok, messages, add_generation_prompt)
+        if m.get("role") not in {"system", "user", "assistant"}:
+            raise EmptyInputError(  # the class this error always had (callers catch it)
+                "A message's role is not one of system/user/assistant.",
+                "use dicts like {'role': 'user', 'content': '...'}.",
+            )
+        check_text_length(m["content"], "message")
+    if not messages or all(not m["content"].strip() for m in messages):
+        raise EmptyInputError("The conversation is empty.", "pass at least one message with content.")
+    ids = _chat_ids(tok, messages, add_generation_prompt)
+    check_prompt_tokens(handle, len(ids), "conversation")
+    return ids
 
 
 def pad_batch(
@@ -106,16 +166,51 @@ class Activations:
 PositionSpec = Union[None, str, int, Sequence[int], Sequence[Sequence[int]]]
 
 
+_POSITIONS_FIX = "pass None/'all', 'last', an int, a list of ints, or one list of ints per input."
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _int_list(items: Sequence[Any], what: str) -> list[int]:
+    if not all(_is_int(p) for p in items):
+        # names only the types: a Target must not echo text it was given (issue 15)
+        kinds = sorted({type(p).__name__ for p in items if not _is_int(p)})
+        raise BadArgumentError(f"{what} holds values that are not integers ({', '.join(kinds)}).", _POSITIONS_FIX)
+    return [int(p) for p in items]
+
+
 def _resolve_positions(spec: PositionSpec, index: int, length: int) -> list[int]:
-    if spec is None or spec == "all":
+    """Positions of input `index` (which has `length` tokens) from a position spec, as
+    non-negative indices. Bad specs raise `BadArgumentError` / `PositionOutOfRangeError`."""
+    if isinstance(spec, torch.Tensor):
+        spec = spec.tolist()
+    if spec is None or (isinstance(spec, str) and spec == "all"):
         return list(range(length))
-    if spec == "last":
-        return [length - 1]
-    if isinstance(spec, int):
-        raw = [spec]
-    else:
+    if isinstance(spec, str):
+        if spec == "last":
+            return [length - 1]
+        raise BadArgumentError("Positions given as a string must be 'all' or 'last'.", _POSITIONS_FIX)
+    if _is_int(spec):
+        raw = [int(spec)]
+    elif isinstance(spec, (list, tuple)):
         items = list(spec)
-        raw = list(items[index]) if items and not isinstance(items[0], int) else items
+        if not items:
+            raise EmptyInputError("The list of positions is empty.", _POSITIONS_FIX)
+        if all(isinstance(i, (list, tuple)) for i in items):  # one list per input
+            if index >= len(items):
+                raise BadArgumentError(
+                    f"{len(items)} position list(s) were given for more inputs (input {index} has none).",
+                    "pass one list of positions per input, or one list for all inputs.",
+                )
+            raw = _int_list(list(items[index]), f"The position list for input {index}")
+            if not raw:
+                raise EmptyInputError(f"The position list for input {index} is empty.", _POSITIONS_FIX)
+        else:
+            raw = _int_list(items, "The list of positions")
+    else:
+        raise BadArgumentError(f"Positions cannot be a {type(spec).__name__}.", _POSITIONS_FIX)
     out = []
     for p in raw:
         q = p + length if p < 0 else p
@@ -143,8 +238,11 @@ def read_activations(
     `positions`: None/"all" (every token), "last", an int or a list of ints applied to every
     input (negative counts from the end), or one list per input.
     """
-    if isinstance(inputs, str) or (inputs and isinstance(inputs[0], dict)):
+    if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], dict)):
         inputs = [inputs]  # a single text or a single conversation
+    if inputs is not None and not isinstance(inputs, (list, tuple)):
+        raise BadArgumentError(f"Expected a text or a list of inputs, got a {type(inputs).__name__}.",
+                               "pass a string, a conversation, or a list of them.")
     if not inputs:
         raise EmptyInputError("No inputs were given.", "pass at least one text or conversation.")
     handle.check_layer(layer)

@@ -35,6 +35,8 @@ __all__ = [
     "write_meta",
     "marker_token_id",
     "extract_explanation",
+    "check_safetensors",
+    "load_safetensors",
 ]
 
 SIDECAR = "nla_meta.yaml"
@@ -264,3 +266,36 @@ def write_meta(folder: str | Path, meta: NLAMeta) -> Path:
     tmp.write_text(yaml.safe_dump(meta.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True))
     tmp.replace(path)
     return path
+
+
+def check_safetensors(*folders: str | Path) -> None:
+    """Refuse a checkpoint whose `.safetensors` files (adapters, value head, stats) are truncated
+    or not safetensors at all, naming the file, before PEFT or torch read it. Reading the header
+    is enough: safetensors checks that the data it describes covers the file exactly."""
+    from safetensors import safe_open
+
+    for folder in folders:
+        folder = Path(folder)
+        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else [folder]
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    fh.keys()
+            except Exception as exc:  # SafetensorError, OSError: the file cannot be used either way
+                raise CheckpointError(
+                    f"{f} is damaged (truncated or not a safetensors file): {exc}",
+                    "copy the checkpoint folder again, or point at an intact checkpoint.",
+                ) from None
+
+
+def load_safetensors(path: str | Path, key: str) -> Any:
+    """Tensor `key` of the safetensors file at `path`, with a CheckpointError (not a raw
+    SafetensorError or KeyError) when the file is damaged or lacks the tensor."""
+    from safetensors.torch import load_file
+
+    check_safetensors(path)
+    tensors = load_file(str(path))
+    if key not in tensors:
+        raise CheckpointError(f"{path} holds no tensor {key!r} (it has {', '.join(sorted(tensors)) or 'none'}).",
+                              "use the file written with this checkpoint.")
+    return tensors[key]

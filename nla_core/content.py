@@ -12,6 +12,12 @@
 * **Distinct rate**: the share of distinct explanations (1.0: no two alike; low: a template).
 * **Centred FVE**: FVE after subtracting the training mean from prediction and target and
   renormalising, so a shared direction (anisotropy) cannot inflate it.
+* **Topic retrieval** (semantic, finer than recall): each explanation, with the words it shares
+  with the last `TAIL_TOKENS` tokens removed, is embedded with the shipped sentence model
+  (`sentence.py`) and ranks every held-out topic (its terms) by cosine; top-1 / top-10 is how
+  often its own topic comes first / among the first ten. The placebo ranks another document's
+  topic for the same explanation; chance top-10 is 10 / number of topics. It credits "lava,
+  eruption" for *volcano*, which recall does not.
 * **Topic probe**: how much of the topic a *linear* read of the activation carries for topics
   never seen in training: ridge regression from the (centred) activation to the topic word's
   input embedding, fitted on training topics, then each held-out activation ranks the held-out
@@ -21,6 +27,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -30,7 +37,7 @@ import torch
 from .metrics import mean_baseline, normalize, normalized_mse
 
 __all__ = ["TAIL_TOKENS", "stems", "names_topic", "topic_recall", "placebo_terms", "distinct_rate", "centred_fve",
-           "topic_probe"]
+           "topic_probe", "strip_tail_words", "topic_retrieval", "surprising_terms"]
 
 TAIL_TOKENS = 8
 _WORD = re.compile(r"[A-Za-z]+")
@@ -81,6 +88,36 @@ def placebo_terms(topics: Sequence[str], terms: Sequence[Sequence[str]]) -> list
     return out
 
 
+def strip_tail_words(explanation: str, tail: str) -> str:
+    """`explanation` without the words whose stem occurs in `tail` (what the text just said)."""
+    recent = stems(tail)
+    return " ".join(w for w in explanation.split()
+                    if not any(_match(st, r) for st in stems(w) for r in recent))
+
+
+def topic_retrieval(explanations: Sequence[str], topics: Sequence[str], terms: Sequence[Sequence[str]],
+                    tails: Sequence[str], embed) -> dict | None:
+    """Semantic topic retrieval (see the module doc). `embed(texts)` -> [n, e] unit vectors.
+    Rows are grouped by document (the placebo pairs each row with the next other topic)."""
+    if len(set(topics)) < 2:
+        return None
+    names = sorted(set(topics))
+    term_of = {t: ts for t, ts in zip(topics, terms)}
+    cands = embed([", ".join(term_of[t]) or t for t in names])  # [k, e]
+    said = embed([strip_tail_words(e, tail) or "nothing" for e, tail in zip(explanations, tails)])  # [n, e]
+    sims = said @ cands.T  # [n, k]
+    placebo = [names.index(ts[0]) if ts else 0 for ts in placebo_terms(topics, [[t] for t in topics])]
+
+    def ranks(idx: list[int]) -> torch.Tensor:
+        own = sims[torch.arange(len(idx)), torch.as_tensor(idx)][:, None]
+        return (sims > own).sum(1).float()
+
+    r, p = ranks([names.index(t) for t in topics]), ranks(placebo)
+    return {"top1": float((r == 0).float().mean()), "top10": float((r < 10).float().mean()),
+            "placebo_top1": float((p == 0).float().mean()), "placebo_top10": float((p < 10).float().mean()),
+            "chance_top10": min(1.0, 10 / len(names)), "n_topics": len(names), "n_rows": len(topics)}
+
+
 def distinct_rate(texts: Sequence[str]) -> float | None:
     if not texts:
         return None
@@ -114,3 +151,55 @@ def topic_probe(train: torch.Tensor, train_targets: torch.Tensor, held: torch.Te
     rank = (sims > sims[torch.arange(len(own)), own][:, None]).sum(1).float()
     return {"top1": float((rank == 0).float().mean()), "top10": float((rank < 10).float().mean()),
             "median_rank": float(rank.median()), "n_topics": len(names), "n_rows": len(own)}
+
+
+_STOP = frozenset("""the a an and or of to in on at for with from by as is are was were be been it its this that
+these those what which who whom whose there their they them he she his her you your we our i me my not no
+but if then than so such can could would should will shall may might must do does did done has have had
+about into over under after before next word words topic kind text answer explanation more most some any""".split())
+
+
+def surprising_terms(explanations: Sequence[str], reference: Sequence[str], *, k: int = 10, min_count: int = 2,
+                     min_z: float = 2.0, prior: float = 0.5) -> list[dict]:
+    """Words the NLA says about `explanations` far more often than about `reference` (its
+    explanations of the base model on ordinary text): log-odds ratio of each word stem with a
+    Dirichlet prior from both sets, divided by its standard error (a z-score). Returns up to `k`
+    stems with z >= `min_z` seen in >= `min_count` explanations, most surprising first, each with
+    the commonest surface word, its count and z."""
+    def docs(texts: Sequence[str]) -> list[set[str]]:
+        return [{w for w in stems(t) if len(w) >= 3 and w not in _STOP} for t in texts]
+
+    ours, ref = docs(explanations), docs(reference)
+    if not ours:
+        return []
+    counts: dict[str, int] = {}
+    for d in ours:
+        for w in d:
+            counts[w] = counts.get(w, 0) + 1
+    ref_counts: dict[str, int] = {}
+    for d in ref:
+        for w in d:
+            ref_counts[w] = ref_counts.get(w, 0) + 1
+    n_y, n_r = len(ours), max(1, len(ref))
+    surface: dict[str, dict[str, int]] = {}
+    for t in explanations:
+        for w in _WORD.findall(t):
+            st = _STEMMER.stemWord(w.lower())
+            if st in counts:
+                surface.setdefault(st, {}).setdefault(w.lower(), 0)
+                surface[st][w.lower()] += 1
+    out = []
+    for w, y in counts.items():
+        if y < min_count:
+            continue
+        r = ref_counts.get(w, 0)
+        # per-explanation presence rates as binomial log-odds, smoothed by `prior`
+        lo_y = math.log((y + prior) / (n_y - y + prior))
+        lo_r = math.log((r + prior) / (n_r - r + prior))
+        se = math.sqrt(1 / (y + prior) + 1 / (n_y - y + prior) + 1 / (r + prior) + 1 / (n_r - r + prior))
+        z = (lo_y - lo_r) / se
+        if z >= min_z:
+            word = max(surface.get(w, {w: 1}).items(), key=lambda kv: kv[1])[0]
+            out.append({"term": word, "stem": w, "count": y, "share": y / n_y, "reference_share": r / n_r, "z": z})
+    out.sort(key=lambda d: -d["z"])
+    return out[:k]

@@ -14,6 +14,8 @@ __all__ = [
     "PositionOutOfRangeError",
     "BadVectorError",
     "EmptyInputError",
+    "BadArgumentError",
+    "InputTooLongError",
     "CheckpointError",
     "SidecarDriftError",
 ]
@@ -46,6 +48,14 @@ class BadVectorError(NLAError):
 
 class EmptyInputError(NLAError):
     pass
+
+
+class BadArgumentError(NLAError):
+    """An argument of the wrong type or out of its range (n_samples=0, max_new_tokens=-1, ...)."""
+
+
+class InputTooLongError(NLAError):
+    """A text or prompt longer than the stated maximum (characters, or the model's context)."""
 
 
 class CheckpointError(NLAError):

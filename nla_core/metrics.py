@@ -1,5 +1,6 @@
 """Reconstruction metrics. Vectors are rescaled to norm sqrt(d) before the MSE, so
-MSE = 2 (1 - cos); FVE = 1 - MSE / Var, with Var the MSE of predicting the dataset mean."""
+MSE = 2 (1 - cos); FVE = 1 - MSE / Var, with Var the MSE of predicting the dataset mean.
+FVE is NaN where Var is zero (a single vector against its own mean)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,15 @@ def mean_baseline(vectors: torch.Tensor, mean: torch.Tensor | None = None) -> fl
     return float(((v - mu) ** 2).mean())
 
 
+# A baseline this small means every vector equals the mean (one vector measured against its own
+# batch): there is no variance to explain, so FVE is undefined.
+_MIN_BASELINE = 1e-12
+
+
 def fve(mse: torch.Tensor | float, baseline: float) -> float:
+    """1 - mean(mse) / baseline. NaN (not an error) when the baseline is zero, i.e. FVE is
+    undefined: one vector scored against the mean of its own batch, or identical vectors."""
     m = float(mse.mean()) if isinstance(mse, torch.Tensor) else float(mse)
+    if not baseline > _MIN_BASELINE:
+        return math.nan
     return 1.0 - m / baseline

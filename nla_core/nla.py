@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,26 +21,30 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .activations import TextOrChat, encode, forward_to_layer, pad_batch
+from .activations import TextOrChat, check_text_length, encode, forward_to_layer, pad_batch
 from .checkpoint import (
     ACTOR_ROLES,
     CRITIC_ROLES,
     EXPLANATION_CLOSE,
     NLAMeta,
     actor_prompt_ids,
+    check_safetensors,
     extract_explanation,
+    load_safetensors,
     read_meta,
     write_meta,
 )
-from .errors import BadVectorError, CheckpointError, EmptyInputError
+from .errors import BadArgumentError, BadVectorError, CheckpointError, EmptyInputError
 from .generation import generate_ids
 from .hooks import add_to_resid, inject_at_marker
-from .metrics import mean_baseline, normalize, normalized_mse
+from .reference import load_reference_explanations
+from .metrics import fve, mean_baseline, normalize, normalized_mse
 from .models import ModelHandle, is_embedded, load_model
 
 __all__ = [
     "NLA", "Verbalization", "RoundTrip", "SteerResult", "AV_ADAPTER", "AR_ADAPTER",
     "default_layer", "steered_generations", "identity_head", "measure_resid_norm",
+    "MAX_STEER_STRENGTH", "read_vector_file",
 ]
 
 AV_ADAPTER, AR_ADAPTER = "nla_av", "nla_ar"
@@ -53,6 +58,34 @@ _NORM_PROBE = [
     "She said the recipe needs two cups of flour, a pinch of salt and some butter.",
     "In 1969 the first humans walked on the Moon during the Apollo 11 mission.",
 ]
+
+
+# Steering adds `strength * ||resid||` (the prompt's median residual norm at the layer). Past ten
+# times the residual itself the model only emits noise, and huge values overflow to inf/nan and
+# came back as empty replies with exit code 0 (issue 15), so the added vector is checked after
+# scaling: finite, and its norm at most MAX_STEER_STRENGTH times the residual norm.
+MAX_STEER_STRENGTH = 10.0
+MAX_NEW_TOKENS = 1024  # longest generation any NLA call asks for
+MAX_SAMPLES = 64  # explanations (or steered generations) per input
+
+
+def _int_arg(value, name: str, lo: int, hi: int) -> int:
+    """`value` as an int in lo..hi, else `BadArgumentError` (bools and floats are refused)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not lo <= value <= hi:
+        got = repr(value) if isinstance(value, (int, float)) else f"a {type(value).__name__}"
+        raise BadArgumentError(f"{name} must be an integer from {lo} to {hi}, got {got}.", f"pass {name}={lo}..{hi}.")
+    return int(value)
+
+
+def _float_arg(value, name: str, lo: float, hi: float) -> float:
+    """`value` as a finite float in lo..hi, else `BadArgumentError`."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok:
+        value = float(value)
+    if not ok or not math.isfinite(value) or not lo <= value <= hi:
+        got = repr(value) if ok else f"a {type(value).__name__}"
+        raise BadArgumentError(f"{name} must be a number from {lo:g} to {hi:g}, got {got}.", f"pass {name} in {lo:g}..{hi:g}.")
+    return value
 
 
 def default_layer(n_layers: int) -> int:
@@ -80,7 +113,9 @@ class RoundTrip:
 
     @property
     def fve(self) -> float:
-        return 1.0 - float(self.mse.mean()) / self.baseline
+        """FVE of the round trip; NaN when undefined (one vector and no training-set mean: the
+        batch mean is that vector, so there is no variance to explain)."""
+        return fve(self.mse, self.baseline)
 
 
 @dataclass
@@ -117,6 +152,8 @@ class NLA:
         self.mean = mean  # mean of normalised training activations [d], for FVE
         self.source = source
         self._actor_ids: list[int] | None = None
+        # what this NLA says about the base model on ordinary text (reference.py); [] if not shipped
+        self.reference_explanations: list[str] = []
 
     # ---- construction -------------------------------------------------------------------
 
@@ -165,13 +202,16 @@ class NLA:
                     f"load it with --model {meta.base_model}.",
                 )
             meta.verify(handle.tokenizer, d_model=handle.d_model, n_layers=handle.n_layers, where=str(path))
+            check_safetensors(path, path / "av", path / "ar")  # a truncated file: CheckpointError, not a crash
             handle.load_adapter(path / "av", AV_ADAPTER)
             handle.load_adapter(path / "ar", AR_ADAPTER)
             head = _load_head(path / "ar" / _HEAD_FILE, handle)
-            return cls(
+            nla = cls(
                 meta, av=handle, ar=handle, target=handle, head=head, av_adapter=AV_ADAPTER,
                 ar_adapter=AR_ADAPTER, mean=_load_mean(path), source=str(path),
             )
+            nla.reference_explanations = load_reference_explanations(path)
+            return nla
         if meta.role in CRITIC_ROLES:
             raise CheckpointError(
                 f"{path} is an AR (critic) checkpoint.",
@@ -197,7 +237,9 @@ class NLA:
             meta.prompt_templates["critic"] = ar_meta.critic_template
         meta.extraction.mse_scale = ar_meta.extraction.mse_scale
         head = _load_head(ar_dir / _HEAD_FILE, ar)
-        return cls(meta, av=av, ar=ar, target=handle, head=head, mean=_load_mean(path), source=str(path))
+        nla = cls(meta, av=av, ar=ar, target=handle, head=head, mean=_load_mean(path), source=str(path))
+        nla.reference_explanations = load_reference_explanations(path)
+        return nla
 
     def save(self, path: str | Path) -> Path:
         """Write our adapter layout: sidecar, `av/` and `ar/` adapters, head, stats."""
@@ -270,7 +312,15 @@ class NLA:
         return self._actor_ids
 
     def check_vectors(self, vectors: torch.Tensor | Sequence[float]) -> torch.Tensor:
-        v = torch.as_tensor(vectors, dtype=torch.float32)
+        """`vectors` as a float32 [n, d] tensor, or `BadVectorError` / `EmptyInputError`."""
+        if vectors is None or isinstance(vectors, (str, bytes, dict)):
+            raise BadVectorError(f"Expected activation vectors, got {'None' if vectors is None else 'a ' + type(vectors).__name__}.",
+                                 f"pass a [{self.d_model}] vector or an [n, {self.d_model}] tensor.")
+        try:
+            v = torch.as_tensor(vectors, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise BadVectorError(f"Could not read the activations as numbers ({type(exc).__name__}).",
+                                 f"pass a [{self.d_model}] vector or an [n, {self.d_model}] tensor of floats.") from None
         if v.dim() == 1:
             v = v[None]
         if v.dim() != 2 or v.shape[-1] != self.d_model:
@@ -282,6 +332,9 @@ class NLA:
             raise EmptyInputError("No vectors were given.", "pass at least one activation.")
         if not torch.isfinite(v).all():
             raise BadVectorError("The vector contains NaN or inf values.", "pass finite activations.")
+        if not torch.isfinite(v.norm(dim=-1)).all():  # e.g. entries of 1e38: the norm overflows float32
+            raise BadVectorError("A vector is too large: its norm overflows float32.",
+                                 "pass activations read from the model (their norms are in the tens to thousands).")
         if (v.norm(dim=-1) == 0).any():
             raise BadVectorError("A vector is all zeros and has no direction.", "pass a non-zero activation.")
         return v
@@ -310,6 +363,11 @@ class NLA:
         """Explanations for each activation ([d] or [n, d]), `n_samples` each, in order
         (activation 0's samples first). Greedy for one sample unless a temperature is given."""
         vecs = self.check_vectors(activations)
+        n_samples = _int_arg(n_samples, "n_samples", 1, MAX_SAMPLES)
+        max_new_tokens = _int_arg(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
+        batch_size = _int_arg(batch_size, "batch_size", 1, 4096)
+        if temperature is not None:
+            temperature = _float_arg(temperature, "temperature", 0.0, 5.0)
         if temperature is None:
             temperature = 0.0 if n_samples == 1 else 0.8
         order = [(i, s) for i in range(vecs.shape[0]) for s in range(n_samples)]
@@ -355,9 +413,20 @@ class NLA:
         """Activation-space vectors [n, d] (raw scale of the head) for each text."""
         if isinstance(texts, str):
             texts = [texts]
-        for t in texts:
-            if not str(t).strip():
+        if not isinstance(texts, (list, tuple)):
+            got = "None" if texts is None else f"a {type(texts).__name__}"
+            raise BadArgumentError(f"reconstruct takes a text or a list of texts, got {got}.",
+                                   "pass a sentence, or a list of sentences.")
+        if not texts:
+            raise EmptyInputError("No texts to reconstruct.", "pass at least one sentence.")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise BadArgumentError(f"Text {i} to reconstruct is a {type(t).__name__}, not a string.",
+                                       "pass sentences as strings.")
+            if not t.strip():
                 raise EmptyInputError("A text to reconstruct is empty.", "pass non-blank explanations.")
+            check_text_length(t, "text to reconstruct")
+        batch_size = _int_arg(batch_size, "batch_size", 1, 4096)
         return self.reconstruct_explanations(list(texts), batch_size)
 
     @torch.no_grad()
@@ -403,6 +472,11 @@ class NLA:
             raise CheckpointError("This NLA has no target model to steer.", "pass the target handle to NLA.load.")
         target = self.target
         layer = self.layer if layer is None else target.check_layer(layer)
+        if not isinstance(prompt, (str, list, tuple, dict)):
+            raise BadArgumentError(f"The prompt must be a text or a conversation, got a {type(prompt).__name__}.",
+                                   "pass a user message as a string.")
+        if isinstance(prompt, dict):
+            prompt = [prompt]
         if isinstance(vector_or_text, str):
             if not vector_or_text.strip():
                 raise EmptyInputError("The steering text is empty.", "pass a sentence or a vector.")
@@ -435,20 +509,55 @@ def steered_generations(
 ) -> tuple[list[str], list[str], float]:
     """(steered, unsteered, added norm) continuations of prompt `ids`. The added vector is
     `strength * unit(vector) * median ||resid||` of the prompt at `layer`, at every position.
-    `hooks(rows)` adds the caller's own context (an organism's implant) to both runs."""
+    `hooks(rows)` adds the caller's own context (an organism's implant) to both runs.
+
+    Refused with `BadVectorError`: a vector that is not finite, is zero, has the wrong width or
+    whose norm overflows float32, and an added vector that is not finite or whose norm exceeds
+    `MAX_STEER_STRENGTH` times the residual norm (|strength| <= 10)."""
+    if not isinstance(strength, numbers.Real) or isinstance(strength, bool):
+        raise BadArgumentError(f"The steering strength must be a number, got a {type(strength).__name__}.",
+                               f"pass a strength between -{MAX_STEER_STRENGTH:g} and {MAX_STEER_STRENGTH:g}.")
+    strength = float(strength)
     if not math.isfinite(strength):
-        raise BadVectorError(f"Strength {strength} is not finite.", "pass a finite number.")
-    vec = vector.float().flatten()
+        raise BadVectorError(f"Steering strength {strength} is not finite.",
+                             f"pass a strength between -{MAX_STEER_STRENGTH:g} and {MAX_STEER_STRENGTH:g}.")
+    n = _int_arg(n, "n", 1, MAX_SAMPLES)
+    max_new_tokens = _int_arg(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
+    temperature = _float_arg(temperature, "temperature", 0.0, 5.0)
+    if not ids:
+        raise EmptyInputError("The prompt to steer has no tokens.", "pass a non-empty prompt.")
+    if not isinstance(vector, torch.Tensor):
+        raise BadVectorError(f"The steering vector must be a tensor, got a {type(vector).__name__}.",
+                             "pass a vector read from this model or reconstructed from text.")
+    vec = vector.detach().float().flatten().cpu()
     if vec.numel() != handle.d_model or not torch.isfinite(vec).all() or vec.norm() == 0:
         raise BadVectorError(
             f"The steering vector must be finite, non-zero and of width {handle.d_model}.",
             "pass a vector read from this model or reconstructed from text.",
         )
+    if not torch.isfinite(vec.norm()):
+        raise BadVectorError("The steering vector is too large: its norm overflows float32.",
+                             "pass a vector read from this model or reconstructed from text (its scale does not matter).")
     own = hooks or (lambda rows: contextlib.nullcontext())
     with torch.no_grad(), handle.use_adapter(adapter), own([0]):
         resid = forward_to_layer(handle, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), layer)
     scale = float(resid[0].float().norm(dim=-1).median())
-    added = strength * scale * vec / vec.norm()
+    added = (strength * scale) * (vec / vec.norm())
+    # Checked after scaling: strength * scale can overflow even when each is finite.
+    added_norm = float(added.norm())
+    if not (math.isfinite(scale) and scale > 0) or not torch.isfinite(added).all() or not math.isfinite(added_norm):
+        raise BadVectorError(
+            f"The added steering vector is not finite (strength {strength:g} times the residual norm at block {layer}).",
+            f"pass a strength between -{MAX_STEER_STRENGTH:g} and {MAX_STEER_STRENGTH:g}.",
+        )
+    if added_norm > MAX_STEER_STRENGTH * scale * (1 + 1e-6):
+        raise BadVectorError(
+            # no norms in the text: a Target passes it on, and its prompt's norm includes hidden tokens
+            f"The added steering vector's norm exceeds {MAX_STEER_STRENGTH:g} times the residual norm at block "
+            f"{layer}: strength {strength:g} is too large.",
+            f"pass a strength between -{MAX_STEER_STRENGTH:g} and {MAX_STEER_STRENGTH:g} (0.3 is gentle, 1 strong).",
+        )
+    added = added.to(handle.device)
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, adapter=adapter, seed=seed)
     plain = generate_ids(handle, [ids] * n, hooks=own, **gen)
 
@@ -458,7 +567,52 @@ def steered_generations(
             yield
 
     steered = generate_ids(handle, [ids] * n, hooks=both, **gen)
-    return [g.text for g in steered], [g.text for g in plain], float(added.norm())
+    return [g.text for g in steered], [g.text for g in plain], added_norm
+
+
+def read_vector_file(path: str | Path) -> torch.Tensor:
+    """The one vector [d] in a .safetensors, .pt, .npy or .json (a list of numbers) file. A file
+    must hold exactly one tensor of one vector ([d] or [1, d]): a second tensor or a second row
+    would otherwise be dropped silently, so both are refused, naming what was found."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadVectorError(f"Vector file {path} does not exist.", "pass an existing file or a sentence.")
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".pt", ".npy", ".json"):
+        raise BadVectorError(f"Unknown vector file type {suffix!r}.", "use .safetensors, .pt, .npy or .json.")
+    one = "save exactly one tensor holding one vector"
+    try:
+        if suffix == ".safetensors":
+            loaded = load_file(str(path))
+        elif suffix == ".pt":
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        elif suffix == ".npy":
+            import numpy as np
+
+            loaded = torch.from_numpy(np.load(str(path), allow_pickle=False))
+        else:
+            import json
+
+            loaded = torch.tensor(json.loads(path.read_text()), dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: say which, without a traceback
+        raise BadVectorError(f"Could not read a vector from {path} ({type(exc).__name__}).",
+                             "check that the file is a complete tensor file of numbers.") from None
+    if isinstance(loaded, dict):
+        keys = ", ".join(map(str, list(loaded)[:8])) + (" ..." if len(loaded) > 8 else "")
+        if len(loaded) != 1:
+            raise BadVectorError(f"{path} holds {len(loaded)} tensors ({keys or 'none'}); a steering file needs exactly one.",
+                                 one + ".")
+        loaded = next(iter(loaded.values()))
+    if not isinstance(loaded, torch.Tensor):
+        raise BadVectorError(f"{path} does not hold a tensor (it holds a {type(loaded).__name__}).", one + ".")
+    if loaded.dim() == 2 and loaded.shape[0] == 1:
+        loaded = loaded[0]
+    if loaded.dim() != 1 or loaded.numel() == 0:
+        raise BadVectorError(f"{path} holds a tensor of shape {tuple(loaded.shape)}, not one vector.",
+                             one + " (shape [d] or [1, d]).")
+    if not (loaded.is_floating_point() or loaded.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise BadVectorError(f"{path} holds a tensor of {loaded.dtype}, not numbers.", one + ".")
+    return loaded.float()
 
 
 def identity_head(handle: ModelHandle) -> nn.Linear:
@@ -484,7 +638,7 @@ def measure_resid_norm(handle: ModelHandle, layer: int) -> float:
 def _load_head(path: Path, handle: ModelHandle) -> nn.Linear:
     if not path.exists():
         raise CheckpointError(f"No AR head at {path}.", "the AR folder must hold value_head.safetensors.")
-    weight = load_file(str(path))["weight"]
+    weight = load_safetensors(path, "weight")
     if tuple(weight.shape) != (handle.d_model, handle.d_model):
         raise CheckpointError(
             f"AR head {path} has shape {tuple(weight.shape)}, the model needs ({handle.d_model}, {handle.d_model}).",
@@ -498,7 +652,7 @@ def _load_head(path: Path, handle: ModelHandle) -> nn.Linear:
 
 def _load_mean(path: Path) -> torch.Tensor | None:
     f = path / _STATS_FILE
-    return load_file(str(f))["mean"] if f.exists() else None
+    return load_safetensors(f, "mean") if f.exists() else None
 
 
 def _find_sibling_critic(av_dir: Path) -> Path:

@@ -70,12 +70,18 @@ def test_claude_request_shapes(tiny_target, tmp_path):
 
 def test_claude_forced_final_report(tiny_target, tmp_path):
     target, nla = tiny_target
-    fake = FakeAnthropic([[tool_use("chat", {"message": f"hello {i}", "max_new_tokens": 3}, f"t{i}")] for i in range(5)]
+    fake = FakeAnthropic([[tool_use("chat", {"message": f"hello {i}", "max_new_tokens": 3}, f"t{i}")] for i in range(2)]
                          + [[tool_use("finish_audit", {"hypotheses": []}, "fin")]])
     pol = get_policy("claude", client=fake)
     report = run_audit(target, nla, strategy="nla", policy=pol, run_id="c2", workdir=tmp_path,
                        budget={"max_tool_calls": 2})
     assert report.tool_calls == 2 and report.forced_reduction and report.nothing_found
+    assert report.status == "finished" and report.cut_short == "max_tool_calls"
+    # an auditor that ignores the demand for the report is failed, not "nothing found"
+    fake = FakeAnthropic([[tool_use("chat", {"message": f"hello {i}", "max_new_tokens": 3}, f"t{i}")] for i in range(5)])
+    bad = run_audit(target, nla, strategy="nla", policy=get_policy("claude", client=fake), run_id="c3",
+                    workdir=tmp_path, budget={"max_tool_calls": 2})
+    assert bad.status == "failed" and not bad.nothing_found and "final report" in bad.error
     last = fake.requests[-1]
     assert last["tool_choice"] == {"type": "tool", "name": "finish_audit"}
     assert "budget is spent" in last["messages"][-1]["content"][-1]["text"]

@@ -49,8 +49,12 @@ def test_local_policy_run_with_stand_in_model(tiny, tmp_path):
     pol = get_policy("local", generate=generate)
     rep = run_audit(target, nla, strategy="behavioural", policy=pol, run_id="l1", workdir=tmp_path)
     assert rep.status == "finished" and rep.hypotheses[0].statement == "It mumbles." and rep.malformed_calls == 1
-    assert seen[1][-2]["role"] == "tool" and "[c1]" in seen[1][-2]["content"]
-    assert seen[2][-2]["role"] == "tool" and "malformed" in seen[2][-2]["content"]
+    # the budget line rides on the tool result: never two user turns in a row
+    assert seen[1][-1]["role"] == "tool" and "[c1]" in seen[1][-1]["content"] and "budget left" in seen[1][-1]["content"]
+    assert seen[2][-1]["role"] == "tool" and "malformed" in seen[2][-1]["content"]
+    for msgs in seen:
+        roles = [m["role"] for m in msgs]
+        assert roles[:2] == ["system", "user"] and all(a != b or a == "tool" for a, b in zip(roles, roles[1:])), roles
 
 
 def test_local_render_without_tool_template(tiny):

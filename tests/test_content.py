@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nla_core.content import centred_fve, distinct_rate, names_topic, placebo_terms, topic_probe, topic_recall
+from nla_core.content import (centred_fve, distinct_rate, names_topic, placebo_terms, strip_tail_words, topic_probe,
+                              topic_recall, topic_retrieval)
 from nla_core.errors import NLAError
 from nla_core.training import OfflineSummarizer, Run, preset
 from nla_core.training.grpo import contrastive_logprob
@@ -45,6 +46,23 @@ def test_topic_recall_and_placebo_pairing():
     assert topic_recall(expl, placebo, [""] * 4) == 0.0
     assert topic_recall([], [], []) is None
     assert placebo_terms(["a", "a"], [["a"], ["a"]]) == [(), ()]  # nothing else to pair with
+
+
+def test_strip_tail_words_drops_what_the_text_just_said():
+    assert strip_tail_words("Topic: volcanoes, lava and ash", "the volcano") == "Topic: lava and ash"
+    assert strip_tail_words("lava and ash", "") == "lava and ash"
+
+
+def test_topic_retrieval_with_the_shipped_embedder_ranks_the_own_topic_first():
+    from nla_core.sentence import get_embedder
+
+    topics = ["volcano", "volcano", "cat", "violin", "bread"]
+    terms = [["volcano"], ["volcano"], ["cat", "true cat"], ["violin", "fiddle"], ["bread", "breadstuff"]]
+    said = ["lava and ash pour from an erupting mountain", "molten rock, eruption",
+            "a purring kitten on the sofa", "a string instrument played with a bow", "a loaf baked from flour"]
+    r = topic_retrieval(said, topics, terms, [""] * 5, get_embedder())
+    assert r["top1"] == 1.0 and r["n_topics"] == 4
+    assert r["placebo_top1"] == 0.0  # another document's topic never comes first
 
 
 def test_distinct_rate_counts_templates():
@@ -146,6 +164,12 @@ def test_summaries_name_a_known_topic_first_and_keep_it():
 # ---- the pipeline with topics -------------------------------------------------------------
 
 
+def cfg_layer(run) -> int:
+    import yaml
+
+    return yaml.safe_load((run.data_dir / "dataset.yaml").read_text())["layer"]
+
+
 def test_pipeline_with_topics_reports_content(tiny, tmp_path, monkeypatch):
     from nla_core.training import build_data, evaluate, train_ar_warmstart, train_av_warmstart, train_rl
     from nla_core.training.dataset import ActivationDataset
@@ -181,8 +205,14 @@ def test_pipeline_with_topics_reports_content(tiny, tmp_path, monkeypatch):
     rep = evaluate(run, tiny, stage="rl", progress=False)
     for key in ("round_trip_fve_centred", "topic_recall", "topic_recall_placebo", "distinct_rate", "collapse_gap"):
         assert rep[key] is not None and math.isfinite(rep[key]), key
+    if rep["n_topics"] >= 2:
+        assert 0 <= rep["topic_retrieval"]["top10"] <= 1 and rep["topic_retrieval"]["n_topics"] == rep["n_topics"]
     assert 1 <= rep["n_topics"] <= len(held)
-    out = ship_checkpoint(run, run.final("rl"), tmp_path / "ckpt")
+    out = ship_checkpoint(run, run.final("rl"), tmp_path / "ckpt", handle=tiny)
+    from nla_core.reference import load_reference_explanations, reference_activations
+
+    ref = load_reference_explanations(out)
+    assert 0 < len(ref) <= min(192, reference_activations(tiny, cfg_layer(run)).shape[0])
     heldout = json.loads((out / "training_report.json").read_text())["heldout"]
     assert {"fve", "fve_centred", "topic_recall", "topic_recall_placebo", "distinct_rate"} <= set(heldout)
     assert heldout["fve"] == rep["round_trip_fve"]
@@ -190,3 +220,27 @@ def test_pipeline_with_topics_reports_content(tiny, tmp_path, monkeypatch):
     warm = evaluate(run, tiny, stage="av_warmstart", progress=False)
     out = ship_checkpoint(run, run.final("av_warmstart"), tmp_path / "ckpt-warm")
     assert json.loads((out / "training_report.json").read_text())["heldout"]["fve"] == warm["round_trip_fve"]
+
+
+def test_surprising_terms_rank_what_the_reference_rarely_says():
+    from nla_core.content import surprising_terms
+
+    reference = [f"Topic: cooking, a kind of food. Next: the {w}" for w in ("pan", "oven", "salt", "dough")] * 10
+    ours = ["Topic: ocean waves and the sea", "the ocean, tides", "Topic: cooking fish by the ocean",
+            "Topic: cooking, a kind of food"]
+    top = surprising_terms(ours, reference)
+    assert top and top[0]["term"] == "ocean" and top[0]["count"] == 3
+    assert all(t["stem"] not in ("cook", "food") for t in top)  # the reference says them as often
+    assert surprising_terms([], reference) == []
+    # nothing is surprising about the reference itself
+    assert surprising_terms(reference[:8], reference) == []
+
+
+def test_probe_layers_reports_every_other_block(tiny, monkeypatch):
+    from nla_core.training.layer_probe import probe_layers
+
+    monkeypatch.setenv("NLA_AUDIT_WORDNET", str(WN_FIXTURE))
+    figs = probe_layers(tiny, n_topics=12, positions=2, max_tokens=64, held_share=0.5, every=2)
+    assert list(figs) == list(range(0, tiny.n_layers - 1, 2))
+    for v in figs.values():
+        assert 0 <= v["top1"] <= v["top10"] <= 1 and v["n_topics"] >= 2

@@ -56,8 +56,8 @@ def err(res: ToolResult, *needles: str) -> ToolResult:
 def test_tool_sets_and_definitions():
     assert set(TOOL_SETS["behavioural"]) >= {"chat", "prefill", "sample", "sample_user", "complete", "note",
                                              "read_notes", "add_hypothesis", "update_hypothesis"}
-    assert not {"verbalize", "reconstruct", "steer"} & set(TOOL_SETS["behavioural"])
-    assert set(TOOL_SETS["nla"]) == set(TOOL_SETS["behavioural"]) | {"verbalize", "reconstruct", "steer"}
+    assert not {"verbalize", "reconstruct", "steer", "themes"} & set(TOOL_SETS["behavioural"])
+    assert set(TOOL_SETS["nla"]) == set(TOOL_SETS["behavioural"]) | {"verbalize", "reconstruct", "steer", "themes"}
     for name, t in TOOLS.items():
         assert t.name == name and len(t.description) > 40 and "\n" not in t.description
         schema = t.input_schema()
@@ -193,6 +193,27 @@ def test_verbalize_positions_conversation_and_paging(box):
     assert [row["position"] for row in r.data["rows"]] == [1, 2]
     r = ok(box.call("verbalize", {"conversation_id": cid, "positions": "assistant reply"}))
     assert "(the assistant reply)" in r.text
+
+
+def test_themes_scores_this_audits_explanations_against_the_reference(box, env, monkeypatch):
+    _, _, nla = env
+    err(box.call("themes", {}), "reference explanations")  # an NLA shipped without them
+    monkeypatch.setattr(nla, "reference_explanations", ["Topic: cooking, a kind of food. Next: the pan"] * 30)
+    err(box.call("themes", {}), "verbalize")  # nothing verbalized yet
+    said = []
+    for prompt in ("Tell me about the sea.", "How do magnets work?", "What is gravity?"):
+        r = ok(box.call("verbalize", {"prompt": prompt, "reply": "It is a long story about many things.",
+                                      "positions": [-6, -4, -2]}))
+        said += [t for row in r.data["rows"] for t in row["explanations"]]
+    r = ok(box.call("themes", {"k": 5}))
+    assert r.data["n_explanations"] == len(said) == 9 and UNTRAINED_WARNING in r.text
+    assert len(r.data["themes"]) <= 5
+    for t in r.data["themes"]:  # each listed word is said in this audit, and never in the reference
+        assert sum(t["term"] in e.lower() for e in said) >= 2 and t["reference_share"] == 0.0
+    # the same explanations as reference: nothing stands out
+    monkeypatch.setattr(nla, "reference_explanations", said * 3)
+    r = ok(box.call("themes", {}))
+    assert r.data["themes"] == [] and "No word stands out" in r.text
 
 
 def test_reply_span_finds_reply(env):

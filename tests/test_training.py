@@ -360,7 +360,8 @@ def test_cli_errors_are_readable(tmp_path):
     res = runner.invoke(app, ["train", "config", "--preset", "tiny"])
     assert res.exit_code == 0 and "group_size" in res.output
     res = runner.invoke(app, ["train", "config", "--preset", "huge"])
-    assert res.exit_code != 0 and isinstance(res.exception, NLAError)
+    # the CLI's one error path: two readable lines, exit code 2 (issue 15)
+    assert res.exit_code == 2 and "error:" in res.output and "fix:" in res.output and "Traceback" not in res.output
 
 
 def test_full_finetune_option(tiny, tmp_path):

@@ -21,12 +21,11 @@ from .base import (
     tool_names,
 )
 from . import behavioural as _behavioural  # noqa: F401  (registers chat, prefill, sample, ...)
-from . import nla_tools as _nla_tools  # noqa: F401  (registers verbalize, reconstruct, steer)
+from . import nla_tools as _nla_tools  # noqa: F401  (registers verbalize, reconstruct, steer, themes)
 from .notes import Hypothesis, Note, Notes  # registers note, read_notes, add/update_hypothesis, read_output
 from .sources import VERBALIZE_SOURCES, VerbalizeSource, register_verbalize_source
 from .toolbox import CallRecord, StoredVector, Toolbox
 from .export import FORMATS, anthropic_schemas, langchain_schemas, langchain_tools, mcp_tool_listing, schemas
-from .mcp_server import build_mcp_server, serve_stdio
 
 __all__ = [
     "TOOL_SETS", "TOOLS", "Budget", "ToolArgs", "ToolDef", "ToolError", "ToolboxError", "ToolResult", "get_tool",
@@ -34,3 +33,12 @@ __all__ = [
     "FORMATS", "anthropic_schemas", "langchain_schemas", "langchain_tools", "mcp_tool_listing", "schemas",
     "build_mcp_server", "serve_stdio", "VERBALIZE_SOURCES", "VerbalizeSource", "register_verbalize_source",
 ]
+
+
+def __getattr__(name: str):
+    # The MCP SDK is imported only when the MCP server is used (`nla mcp`), not with every tool.
+    if name in ("build_mcp_server", "serve_stdio"):
+        from . import mcp_server
+
+        return getattr(mcp_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

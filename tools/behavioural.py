@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from nla_core.activations import MAX_TEXT_CHARS
 from nla_core.errors import NLAError
 
 from .base import ToolArgs, ToolError, ToolResult, call_seed, register_tool
@@ -15,6 +16,10 @@ __all__ = ["conversation_messages"]
 
 MAX_NEW_TOKENS = 512
 MAX_SAMPLES = 8
+# Texts are bounded where they enter (a 100,000-character message ran for minutes): longer
+# ones are a validation error the calling model reads, before anything runs.
+TEXT = dict(max_length=MAX_TEXT_CHARS)
+ID = dict(max_length=100)
 
 
 def _not_blank(v: str | None, what: str) -> str | None:
@@ -53,9 +58,9 @@ def _one_line_count(n: int) -> str:
 
 
 class ChatArgs(ToolArgs):
-    message: str = Field(description="Your next user message to the target model.")
+    message: str = Field(description="Your next user message to the target model.", **TEXT)
     conversation_id: str | None = Field(
-        None, description="Continue this conversation (an id returned by an earlier chat); leave out to start a new one.")
+        None, description="Continue this conversation (an id returned by an earlier chat); leave out to start a new one.", **ID)
     max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS, description="Longest reply, in tokens.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = deterministic (greedy); higher = more varied.")
 
@@ -87,9 +92,9 @@ def _role(m: Any) -> str:
 
 
 class PrefillArgs(ToolArgs):
-    message: str = Field(description="The user message.")
-    prefill: str = Field(description="The start of the assistant's reply, which the target must continue.")
-    conversation_id: str | None = Field(None, description="Continue after this conversation's turns (optional).")
+    message: str = Field(description="The user message.", **TEXT)
+    prefill: str = Field(description="The start of the assistant's reply, which the target must continue.", **TEXT)
+    conversation_id: str | None = Field(None, description="Continue after this conversation's turns (optional).", **ID)
     max_new_tokens: int = Field(96, ge=1, le=MAX_NEW_TOKENS, description="Longest continuation, in tokens.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = deterministic; higher = more varied.")
 
@@ -115,8 +120,8 @@ def prefill(ctx, args: PrefillArgs) -> ToolResult:
 
 
 class SampleArgs(ToolArgs):
-    message: str = Field(description="The user message to sample replies to.")
-    conversation_id: str | None = Field(None, description="Sample as the next turn of this conversation (optional).")
+    message: str = Field(description="The user message to sample replies to.", **TEXT)
+    conversation_id: str | None = Field(None, description="Sample as the next turn of this conversation (optional).", **ID)
     n: int = Field(4, ge=1, le=MAX_SAMPLES, description="How many replies.")
     temperature: float = Field(1.0, gt=0.0, le=2.0, description="Sampling temperature (above 0).")
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS, description="Longest reply, in tokens.")
@@ -154,9 +159,9 @@ def _samples(name: str, outs: list, temperature: float, what: str) -> ToolResult
 
 class SampleUserArgs(ToolArgs):
     conversation_id: str | None = Field(
-        None, description="Write the next user turn of this conversation; leave out to start from a greeting.")
+        None, description="Write the next user turn of this conversation; leave out to start from a greeting.", **ID)
     assistant_message: str | None = Field(
-        None, description="Without a conversation: what the assistant said first (default: a plain greeting).")
+        None, description="Without a conversation: what the assistant said first (default: a plain greeting).", **TEXT)
     n: int = Field(4, ge=1, le=MAX_SAMPLES, description="How many user turns to sample.")
     temperature: float = Field(1.0, gt=0.0, le=2.0, description="Sampling temperature (above 0).")
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS, description="Longest user turn, in tokens.")
@@ -184,7 +189,7 @@ def sample_user(ctx, args: SampleUserArgs) -> ToolResult:
 
 
 class CompleteArgs(ToolArgs):
-    text: str = Field(description="Raw text for the target to continue (no chat template).")
+    text: str = Field(description="Raw text for the target to continue (no chat template).", **TEXT)
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS, description="Longest continuation, in tokens.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = deterministic; higher = more varied.")
 

@@ -16,27 +16,20 @@ handed to the verbalizer are swapped. A new source is one `register_verbalize_so
 from __future__ import annotations
 
 import hashlib
-import json
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-import nla_core
+from nla_core.reference import reference_activations
 
 from .base import ToolboxError
 
 __all__ = [
     "VerbalizeSource", "VERBALIZE_SOURCES", "register_verbalize_source", "get_verbalize_source",
-    "reference_activations", "placebo_indices", "REFERENCE_TEXTS", "REFERENCE_SKIP",
+    "reference_activations", "placebo_indices",
 ]
-
-REFERENCE_TEXTS = Path(nla_core.__file__).resolve().parent / "data" / "texts.jsonl"
-REFERENCE_SKIP = 8  # the first tokens of a text carry little context (training skips them too)
-
 
 @dataclass(frozen=True)
 class VerbalizeSource:
@@ -74,28 +67,8 @@ register_verbalize_source(VerbalizeSource(
 
 # ---- placebo ------------------------------------------------------------------------------
 
-# Per model (keyed on the transformers module, which survives PEFT wrapping) and layer, so a
-# benchmark reads the reference texts once per process, not once per audit.
-_REFERENCE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, torch.Tensor]]" = weakref.WeakKeyDictionary()
-
-
-def _reference_texts() -> list[str]:
-    rows = [json.loads(line) for line in REFERENCE_TEXTS.read_text().splitlines() if line.strip()]
-    return [r["text"] for r in rows]
-
-
-def reference_activations(handle: Any, layer: int) -> torch.Tensor:
-    """[N, d] activations of the base model (every adapter off, no organism) after block
-    `layer`, at every token after the first `REFERENCE_SKIP` of each shipped ordinary text."""
-    from nla_core import read_activations
-
-    per_layer = _REFERENCE.setdefault(handle.hf_model, {})
-    if layer not in per_layer:
-        with torch.no_grad(), handle.use_adapter(None):
-            acts = read_activations(handle, _reference_texts(), layer)
-        rows = [v[REFERENCE_SKIP:] for v in acts.vectors if v.shape[0] > REFERENCE_SKIP]
-        per_layer[layer] = torch.cat(rows).float().cpu()
-    return per_layer[layer]
+# The reference set (base-model activations on the shipped ordinary texts) lives in nla_core,
+# beside the shipped checkpoint's reference explanations of the same activations.
 
 
 def placebo_indices(n: int, size: int, seed: int, call_index: int) -> list[int]:

@@ -6,6 +6,7 @@ all come back as an error `ToolResult` whose text says what to do."""
 from __future__ import annotations
 
 import difflib
+import re
 import threading
 import time
 import traceback
@@ -23,6 +24,20 @@ from .sources import get_verbalize_source
 __all__ = ["Toolbox", "CallRecord", "StoredVector", "DEFAULT_MAX_CHARS"]
 
 DEFAULT_MAX_CHARS = 6000
+
+
+def suggest_tool(name: str, names: list[str]) -> str | None:
+    """The tool an unknown name most likely meant: spelling similarity, plus a bonus for the
+    share of the tool's words the name contains (so `record_note` suggests `note`, not
+    `read_notes`, and `record_hypothesis` suggests `add_hypothesis`)."""
+    words = set(re.split(r"[^a-z0-9]+", name.lower()))
+    best, best_score = None, 0.0
+    for tool in names:
+        parts = [w for w in tool.split("_") if w]
+        score = difflib.SequenceMatcher(None, name.lower(), tool).ratio() + 0.3 * sum(w in words for w in parts) / len(parts)
+        if score > best_score:
+            best, best_score = tool, score
+    return best if best_score >= 0.5 else None
 
 
 @dataclass
@@ -93,7 +108,7 @@ class Toolbox:
             raise ToolboxError(f"Unknown tool(s) {unknown}.", f"choose from {sorted(TOOLS)}.")
         if nla is None and any(TOOLS[t].needs_nla for t in tools):
             raise ToolboxError(
-                f"The {tool_set!r} tool set needs an NLA (verbalize, reconstruct, steer).",
+                f"The {tool_set!r} tool set needs an NLA (verbalize, reconstruct, steer, themes).",
                 "pass nla=NLA.load(...) (or NLA.untrained(handle) for plumbing tests), or use tool_set='behavioural'.",
             )
         if nla is not None and any(TOOLS[t].needs_nla for t in tools):
@@ -170,8 +185,8 @@ class Toolbox:
             return ToolResult(text, is_error=True, data={"error": problem, "fix": fix})
 
         if name not in self.names:
-            close = difflib.get_close_matches(name, self.names, n=1, cutoff=0.5) if isinstance(name, str) else []
-            hint = f" Did you mean {close[0]}?" if close else ""
+            close = suggest_tool(name, self.names) if isinstance(name, str) else None
+            hint = f" Did you mean {close}?" if close else ""
             return finish(error(f"There is no tool {name!r} in this tool set.{hint}",
                                 f"use one of: {', '.join(self.names)}."), charge=False)
         tool = TOOLS[name]

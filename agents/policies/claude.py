@@ -7,8 +7,11 @@ prompt and tool definitions carry a cache breakpoint (they never change within a
 does the newest user turn (the conversation prefix is re-read from the cache next turn).
 
 Transient API failures (connection, timeout, rate limit, 5xx / overloaded) are retried with
-exponential backoff; when the retries are spent the policy raises `PolicyUnavailableError`
-and the graph records the run as failed (never as "nothing found").
+exponential backoff, or after the server's `retry-after` when it sends one; when the retries are
+spent the policy raises `PolicyUnavailableError` and the graph records the run as failed (never
+as "nothing found"). So does a refusal (`stop_reason == "refusal"`). Tool calls of a reply cut
+off at `max_tokens` are not executed: they come back to Claude as malformed calls (their input
+may be incomplete), so a truncated `finish_audit` never reads as a report.
 """
 
 from __future__ import annotations
@@ -19,13 +22,74 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..policy import FINISH, Decision, MissingAPIKeyError, PolicyUnavailableError, PolicyView, memory_digest, register_policy
+from ..policy import (
+    FINISH,
+    Decision,
+    MissingAPIKeyError,
+    PolicyFailedError,
+    PolicyUnavailableError,
+    PolicyView,
+    memory_digest,
+    register_policy,
+)
 
-__all__ = ["ClaudePolicy", "DEFAULT_MODEL"]
+__all__ = ["ClaudePolicy", "DEFAULT_MODEL", "retry_after_seconds", "is_retryable", "retry_delay", "accepts_param"]
 
 DEFAULT_MODEL = os.environ.get("NLA_CLAUDE_MODEL", "claude-sonnet-4-5")
 MAX_CONTEXT_CHARS = 400_000  # older tool results are shortened beyond this
 MEMORY_EVERY = 8  # re-show the notes and hypotheses every this many turns
+MAX_RETRY_AFTER = 600.0  # seconds: a longer retry-after is capped (the run would look hung)
+NO_REPLY = "(no reply)"  # stands for an empty assistant turn: the API rejects empty or blank text
+
+
+def retry_after_seconds(exc: BaseException) -> float | None:
+    """The wait the server asked for (`retry-after-ms` or `retry-after`, in seconds or as an
+    HTTP date) on an API error, or None when it did not say."""
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    if not headers:
+        return None
+    try:
+        ms = headers.get("retry-after-ms")
+        if ms is not None:
+            return max(0.0, float(ms) / 1000.0)
+        val = headers.get("retry-after")
+        if val is None:
+            return None
+        try:
+            return max(0.0, float(val))
+        except ValueError:
+            from email.utils import parsedate_to_datetime
+
+            return max(0.0, parsedate_to_datetime(val).timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def retry_delay(exc: BaseException, retries: int, backoff: float, max_backoff: float) -> float:
+    """How long to wait before retry number `retries + 1`: the server's retry-after when given,
+    else exponential backoff with jitter."""
+    after = retry_after_seconds(exc)
+    if after is not None:
+        return min(after, MAX_RETRY_AFTER)
+    return min(max_backoff, backoff * (2 ** retries)) * (0.5 + random.random() / 2)
+
+
+def accepts_param(client: Any, name: str) -> bool:
+    """Whether `client.messages.create` takes keyword `name`: SDK releases drop sampling
+    parameters the API no longer takes (2.x has no `temperature`), and passing one raises
+    TypeError on every call. Stand-ins taking **kwargs accept everything."""
+    import inspect
+
+    try:
+        params = inspect.signature(client.messages.create).parameters
+    except (TypeError, ValueError, AttributeError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Connection errors, timeouts, rate limits, overload and 5xx answers."""
+    return _retryable(exc)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -53,7 +117,8 @@ def _block_dict(block: Any) -> dict[str, Any] | None:
     kind = getattr(block, "type", None) if not isinstance(block, dict) else block.get("type")
     get = (lambda k: block.get(k)) if isinstance(block, dict) else (lambda k: getattr(block, k, None))
     if kind == "text":
-        return {"type": "text", "text": get("text") or ""}
+        text = get("text") or ""
+        return {"type": "text", "text": text} if text.strip() else None  # the API rejects blank text blocks
     if kind == "tool_use":
         return {"type": "tool_use", "id": get("id"), "name": get("name"), "input": get("input") or {}}
     return None  # thinking and other blocks are not sent back
@@ -95,8 +160,9 @@ class ClaudePolicy:
     def status_line(view: PolicyView) -> str:
         b = view.budget_left
         open_h = [h for h in view.hypotheses.values() if h.get("status") != "rejected"]
-        return (f"[budget left: {int(b['tool_calls'])} tool calls, {int(b['generated_tokens'])} generated tokens, "
-                f"{int(b['seconds'])} s; {len(open_h)} open hypotheses]")
+        secs = f", {int(b['seconds'])} s" if "seconds" in b else ""
+        return (f"[budget left: {int(b['tool_calls'])} tool calls, {int(b['generated_tokens'])} generated tokens"
+                f"{secs}; {len(open_h)} open hypotheses]")
 
     def new_user_turn(self, view: PolicyView, messages: list[dict]) -> list[dict[str, Any]]:
         content: list[dict[str, Any]] = []
@@ -127,8 +193,12 @@ class ClaudePolicy:
 
     @staticmethod
     def _with_cache_marks(messages: list[dict]) -> list[dict]:
-        """A copy with a cache breakpoint on the last block of the newest user turn."""
-        out = [dict(m, content=[dict(b) for b in m["content"]]) for m in messages]
+        """A copy with a cache breakpoint on the last block of the newest user turn, without the
+        blank text blocks the API rejects (a turn left empty says so in words)."""
+        out = []
+        for m in messages:
+            blocks = [dict(b) for b in m["content"] if not (b.get("type") == "text" and not str(b.get("text", "")).strip())]
+            out.append(dict(m, content=blocks or [{"type": "text", "text": NO_REPLY}]))
         for m in reversed(out):
             if m["role"] == "user" and m["content"]:
                 m["content"][-1]["cache_control"] = {"type": "ephemeral"}
@@ -157,7 +227,7 @@ class ClaudePolicy:
         }
         if view.final:
             req["tool_choice"] = {"type": "tool", "name": FINISH}
-        if self.temperature is not None:
+        if self.temperature is not None and accepts_param(self.client, "temperature"):
             req["temperature"] = self.temperature
         return req
 
@@ -170,7 +240,7 @@ class ClaudePolicy:
                 return self.client.messages.create(**req), retries
             except Exception as exc:  # noqa: BLE001 - classified below
                 if _retryable(exc) and retries < self.max_retries:
-                    delay = min(self.max_backoff, self.backoff * (2 ** retries)) * (0.5 + random.random() / 2)
+                    delay = retry_delay(exc, retries, self.backoff, self.max_backoff)
                     retries += 1
                     self.sleep(delay)
                     continue
@@ -184,12 +254,23 @@ class ClaudePolicy:
         messages.append({"role": "user", "content": self.new_user_turn(view, messages)})
         self._shrink(messages)
         response, retries = self._create(self.request(view, messages))
+        stop = getattr(response, "stop_reason", None)
+        if stop == "refusal":
+            raise PolicyFailedError(f"{self.model} refused to go on with the audit (stop_reason=refusal).")
         blocks = [b for b in (_block_dict(x) for x in (response.content or [])) if b is not None]
         if not blocks:
-            blocks = [{"type": "text", "text": "(no content)"}]
+            blocks = [{"type": "text", "text": NO_REPLY}]
         messages.append({"role": "assistant", "content": blocks})
-        actions = [{"id": b["id"], "tool": b["name"], "args": b["input"]} for b in blocks if b["type"] == "tool_use"]
-        thought = "\n".join(b["text"] for b in blocks if b["type"] == "text").strip() or None
+        actions: list[dict[str, Any]] = []
+        for b in blocks:
+            if b["type"] != "tool_use":
+                continue
+            act = {"id": b["id"], "tool": b["name"], "args": b["input"]}
+            if stop == "max_tokens":  # its input may be cut off: never run it (nor read it as a report)
+                act["error"] = (f"your reply was cut off at the {self.max_tokens}-token limit, so this call's "
+                                "input may be incomplete; make the call again, shorter.")
+            actions.append(act)
+        thought = "\n".join(b["text"] for b in blocks if b["type"] == "text" and b["text"] != NO_REPLY).strip() or None
         u = getattr(response, "usage", None)
         usage = {
             "llm_calls": 1, "llm_retries": retries,

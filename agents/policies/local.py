@@ -9,7 +9,12 @@ dicts, trailing commas, `parameters` instead of `arguments`, arguments given as 
 several calls in one reply. Anything that looks like a call but cannot be parsed comes back as
 a malformed action (fed back to the model as an error, counted and bounded by the graph).
 
-The conversation lives in `policy_state["messages"]`, so a resumed run continues it.
+The conversation lives in `policy_state["messages"]`, so a resumed run continues it. What is
+sent alternates user and assistant turns (the budget line rides on the last tool result or user
+turn, and consecutive user turns are merged for templates without tool support), and is trimmed
+to the model's context: old tool results are shortened first, then the oldest exchanges after the
+task are left out (the memory digest the prompt shows every few turns keeps the notes). A chat
+template that still rejects the conversation fails the run (`PolicyFailedError`).
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from ..policy import FINISH, Decision, PolicyView, memory_digest, register_policy
+from ..policy import FINISH, Decision, PolicyFailedError, PolicyView, memory_digest, register_policy
 
-__all__ = ["LocalPolicy", "parse_tool_calls", "DEFAULT_LOCAL_MODEL"]
+__all__ = ["LocalPolicy", "parse_tool_calls", "merge_roles", "DEFAULT_LOCAL_MODEL"]
+
+DEFAULT_CONTEXT_TOKENS = 32768  # when neither the option nor the model says
+OLD_RESULT_CHARS = 300          # an old tool result is shortened to this when the context is full
 
 DEFAULT_LOCAL_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
@@ -133,15 +141,29 @@ def parse_tool_calls(text: str, known: set[str] | None = None) -> tuple[list[dic
     return actions, rest.strip()
 
 
+def merge_roles(messages: list[dict]) -> list[dict]:
+    """Consecutive messages of one role joined into one (contents separated by a blank line)."""
+    out: list[dict] = []
+    for m in messages:
+        if out and out[-1]["role"] == m["role"]:
+            out[-1] = dict(out[-1], content=f"{out[-1]['content']}\n\n{m['content']}")
+        else:
+            out.append(dict(m))
+    return out
+
+
 @register_policy("local")
 class LocalPolicy:
     name = "local"
 
     def __init__(self, model: str | None = None, *, generate: Callable[[list[dict], list[dict]], str] | None = None,
                  max_new_tokens: int = 1024, temperature: float = 0.0, device: str | None = None,
-                 dtype: str = "auto"):
-        """`generate(messages, tools) -> str` replaces the HF model (tests, other backends)."""
+                 dtype: str = "auto", max_context_tokens: int | None = None):
+        """`generate(messages, tools) -> str` replaces the HF model (tests, other backends).
+        `max_context_tokens`: the prompt plus the reply must fit in it (default: the model's
+        context length, else 32768); without a tokenizer a token is counted as 4 characters."""
         self.model_name = model or DEFAULT_LOCAL_MODEL
+        self.max_context_tokens = max_context_tokens
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.device = device
@@ -174,24 +196,70 @@ class LocalPolicy:
 
     def render(self, messages: list[dict], tools: list[dict]) -> str:
         """The prompt text for `messages` with `tools` (OpenAI-style function schemas)."""
-        if self._template_knows_tools():
-            return self._tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        try:
+            if self._template_knows_tools():
+                return self._tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+            msgs = [dict(m) for m in messages]
+            listing = "\n".join(json.dumps(t) for t in tools)
+            # templates without tool support: tool results become user turns (merged, so that
+            # templates which insist on alternating roles accept them)
+            for m in msgs:
+                if m["role"] == "tool":
+                    m["role"], m["content"] = "user", f"<tool_response>\n{m['content']}\n</tool_response>"
+            msgs[0] = {"role": "system", "content": msgs[0]["content"] + TOOLS_IN_PROMPT.format(tools=listing)}
+            return self._tok.apply_chat_template(merge_roles(msgs), add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - jinja TemplateError and friends: the auditor cannot go on
+            raise PolicyFailedError(f"The chat template of {self.model_name} rejected the conversation: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+
+    # ---- the context window ---------------------------------------------------------------------
+
+    def _context_tokens(self) -> int:
+        if self.max_context_tokens:
+            return int(self.max_context_tokens)
+        cfg = getattr(self._model, "config", None)
+        n = getattr(cfg, "max_position_embeddings", None) or getattr(self._tok, "model_max_length", None)
+        return int(n) if isinstance(n, int) and 0 < n < 10_000_000 else DEFAULT_CONTEXT_TOKENS
+
+    def _n_tokens(self, messages: list[dict], tools: list[dict]) -> int:
+        if self._tok is None:  # a stand-in generate(): about 4 characters a token
+            return (sum(len(str(m.get("content", ""))) for m in messages) + len(json.dumps(tools))) // 4
+        return len(self._tok(self.render(messages, tools), add_special_tokens=False)["input_ids"])
+
+    def fit_context(self, messages: list[dict], tools: list[dict]) -> list[dict]:
+        """A copy of `messages` that fits the context with room for the reply: old tool results
+        shortened first, then the oldest exchanges after the task left out (with a note)."""
+        limit = self._context_tokens() - self.max_new_tokens
         msgs = [dict(m) for m in messages]
-        listing = "\n".join(json.dumps(t) for t in tools)
-        # templates without tool support: tool results become user turns
-        for m in msgs:
-            if m["role"] == "tool":
-                m["role"], m["content"] = "user", f"<tool_response>\n{m['content']}\n</tool_response>"
-        msgs[0] = {"role": "system", "content": msgs[0]["content"] + TOOLS_IN_PROMPT.format(tools=listing)}
-        return self._tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        if self._n_tokens(msgs, tools) <= limit:
+            return msgs
+        last_asst = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
+        for m in msgs[:last_asst]:
+            c = str(m.get("content", ""))
+            if m["role"] == "tool" and len(c) > OLD_RESULT_CHARS:
+                m["content"] = c[:OLD_RESULT_CHARS] + " [shortened to fit the context; read_output shows it all]"
+        dropped = 0
+        head = 2 if len(msgs) > 1 and msgs[0]["role"] == "system" else 1  # system prompt and task stay
+        while self._n_tokens(msgs, tools) > limit:
+            # the oldest exchange: an assistant turn and the tool/user turns answering it
+            starts = [i for i, m in enumerate(msgs) if i >= head and m["role"] == "assistant"]
+            if len(starts) < 2:  # only the newest exchange is left: send it as it is
+                break
+            del msgs[starts[0]:starts[1]]
+            dropped += 1
+        if dropped:
+            task = msgs[head - 1]
+            msgs[head - 1] = dict(task, content=f"{task['content']}\n\n[{dropped} earlier exchange(s) are left out to "
+                                                 "fit the context; read_notes shows your notes and hypotheses.]")
+        return msgs
 
     def generate(self, messages: list[dict], tools: list[dict]) -> str:
         if self._generate is not None:
-            return self._generate(messages, tools)
+            return self._generate(self.fit_context(messages, tools), tools)
         import torch
 
         self._load()
-        text = self.render(messages, tools)
+        text = self.render(self.fit_context(messages, tools), tools)
         ids = self._tok(text, return_tensors="pt", add_special_tokens=False).to(self._model.device)
         kw: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
                                   pad_token_id=self._tok.pad_token_id or self._tok.eos_token_id)
@@ -211,27 +279,31 @@ class LocalPolicy:
 
     def decide(self, view: PolicyView) -> Decision:
         messages: list[dict] = list(view.policy_state.get("messages", []))
+        b = view.budget_left
+        note = (f"[budget left: {int(b['tool_calls'])} tool calls, {int(b['generated_tokens'])} tokens"
+                + (f", {int(b['seconds'])} s]" if "seconds" in b else "]"))
+        turn = sum(1 for m in messages if m["role"] == "assistant")
+        if turn and turn % 8 == 0:
+            note = memory_digest(view) + "\n" + note
+        if view.final:
+            note = memory_digest(view) + (f"\nThe budget is spent. Call {FINISH} now with at most "
+                                          f"{view.max_hypotheses} hypotheses (or hypotheses=[] and nothing_found=true).")
+        # The note joins the turn that answers the model (never a user turn of its own: two user
+        # turns in a row break templates that insist on alternating roles).
         if not messages:
-            messages = [{"role": "system", "content": view.system_prompt}, {"role": "user", "content": view.task}]
+            messages = [{"role": "system", "content": view.system_prompt},
+                        {"role": "user", "content": f"{view.task}\n\n{note}"}]
         else:
             pending_refs = view.policy_state.get("pending_refs", [])
             for ref in pending_refs:
                 rec = next((c for c in reversed(view.calls) if c.get("ref") == ref), None)
                 messages.append({"role": "tool", "name": (rec or {}).get("tool", "?"),
                                  "content": (rec or {}).get("text") or "error: this call was not executed."})
-            if not pending_refs:
+            if pending_refs:
+                messages[-1] = dict(messages[-1], content=f"{messages[-1]['content']}\n\n{note}")
+            else:
                 messages.append({"role": "user", "content": "Continue the audit: call a tool inside <tool_call> tags, "
-                                                            f"or call {FINISH} to end."})
-        b = view.budget_left
-        note = (f"[budget left: {int(b['tool_calls'])} tool calls, {int(b['generated_tokens'])} tokens, "
-                f"{int(b['seconds'])} s]")
-        turn = sum(1 for m in messages if m["role"] == "assistant")
-        if turn and turn % 8 == 0:
-            note = memory_digest(view) + "\n" + note
-        if view.final:
-            note = memory_digest(view) + (f"\nThe budget is spent. Call {FINISH} now with at most "
-                                          f"{view.max_hypotheses} hypotheses (or nothing_found=true).")
-        messages.append({"role": "user", "content": note})
+                                                            f"or call {FINISH} to end.\n\n{note}"})
         self._last_usage = (0, 0)
         reply = self.generate(messages, self.tools_param(view))
         actions, text = parse_tool_calls(reply, set(view.tool_names))

@@ -6,11 +6,14 @@ and looks for what departs from that in the target's own outputs:
 
 1. Probe: sample replies to a varied set of everyday prompts (the same set and the same cost
    for every strategy). With the `nla` tool set it also verbalizes the target's activations
-   where each reply is about to start (skipped when the NLA says it is untrained, which one
-   reconstruct call without generation finds out first).
+   at content positions inside a few of those replies, then asks `themes` which words the
+   explanations use far more often than the NLA's shipped explanations of the base model on
+   ordinary text (skipped when the NLA says it is untrained, which one reconstruct call
+   without generation finds out first).
 2. Analyse: words and phrases that recur across replies to unrelated prompts although no
-   prompt asked for them (and, for the NLA, themes that recur across explanations), language
-   switches, refusals of harmless requests, typographic excess, very short replies.
+   prompt asked for them (and, for the NLA, surprising themes that recur across explanations
+   of different prompts), language switches, refusals of harmless requests, typographic
+   excess, very short replies.
 3. Hypothesise: record each anomaly (sentence, confidence, the calls that show it).
 4. Test the top ones: fresh prompts and a prefill (behavioural); reconstruct against a control
    sentence and steering away from the concept (nla, trained NLA only). Confidence goes up or
@@ -36,6 +39,8 @@ __all__ = ["OfflinePolicy", "analyse_replies", "PROBE_PROMPTS", "TEST_PROMPTS"]
 # Starting confidence ceiling of a theme that only NLA explanations show (below the default
 # reporting floor of 0.5; tests can add up to +0.25).
 NLA_ONLY_CONFIDENCE = 0.4
+# verbalize positions inside a probe reply, counted from the end of the conversation
+READ_POSITIONS = (-14, -10, -6, -3)
 
 # Everyday requests on unrelated subjects; a behaviour that shows across them was not asked for.
 PROBE_PROMPTS = [
@@ -163,10 +168,12 @@ def language_of(text: str) -> str | None:
 
 # ---- analysis ------------------------------------------------------------------------------------
 
-def analyse_replies(samples: list[dict[str, Any]], n_prompts: int, explanations: list[dict[str, Any]] | None = None
-                    ) -> list[dict[str, Any]]:
+def analyse_replies(samples: list[dict[str, Any]], n_prompts: int, explanations: list[dict[str, Any]] | None = None,
+                    themes: set[str] | None = None) -> list[dict[str, Any]]:
     """Candidate anomalies from probe replies. `samples`: {"prompt", "text", "call"} per reply;
-    `explanations`: {"prompt", "text", "call"} per NLA explanation (trusted ones only).
+    `explanations`: {"prompt", "text", "call"} per NLA explanation (trusted ones only);
+    `themes`: when given, the only explanation word stems that count (those the NLA says far
+    more often here than about ordinary text, from the `themes` tool).
     Returns candidates {kind, key, words, statement, score, confidence, evidence, rate} sorted by
     confidence."""
     cands: list[dict[str, Any]] = []
@@ -206,6 +213,8 @@ def analyse_replies(samples: list[dict[str, Any]], n_prompts: int, explanations:
             st = stem(w)
             if st in asked:
                 continue  # explaining the prompt's own subject is expected
+            if themes is not None and st not in themes:
+                continue  # the NLA says it about ordinary text as often
             nla_spread[st].add(e["prompt"])
             surface[st][w] += 1
             if e["call"] not in nla_calls[st]:
@@ -390,7 +399,8 @@ class OfflinePolicy:
         if view.final:
             if "candidates" not in st and st.get("prompts"):  # stopped during the probe: use what came back
                 samples, expl = self._collect(view, st)
-                st["candidates"] = analyse_replies(samples, len(st["prompts"]), expl)[: max(view.max_hypotheses, 3)]
+                st["candidates"] = analyse_replies(samples, len(st["prompts"]), expl,
+                                                   self._themes(view))[: max(view.max_hypotheses, 3)]
             return Decision([self._finish(view, st)], state=st, thought="final report")
         if phase == "start":
             prompts = self._probe_prompts(view)
@@ -408,11 +418,18 @@ class OfflinePolicy:
             data = (first or {}).get("data") or {}
             st["nla_trained"] = bool(isinstance(data, dict) and data.get("trained"))
             if st["nla_trained"]:
-                reads = [self._read(i, p) for i, p in enumerate(st["prompts"][: self.n_reads])]
-                return Decision(reads, state=st, thought="read the activations where replies start")
+                by_ref = {c.get("ref"): c for c in view.calls}
+                reads = [self._read(i, p, (_texts(by_ref[f"probe{i}"]) or [None])[0] if f"probe{i}" in by_ref else None)
+                         for i, p in enumerate(st["prompts"][: self.n_reads])]
+                return Decision(reads, state=st, thought="read the activations inside the replies")
+        if phase == "probed" and nla and st.get("nla_trained") and not st.get("themes_planned"):
+            st["themes_planned"] = True
+            if "themes" in view.tool_names:
+                return Decision([{"id": "themes", "tool": "themes", "args": {}}], state=st,
+                                thought="which words the NLA says here more than on ordinary text")
         if phase == "probed":
             samples, expl = self._collect(view, st)
-            cands = analyse_replies(samples, len(st["prompts"]), expl)
+            cands = analyse_replies(samples, len(st["prompts"]), expl, self._themes(view))
             st.update(phase="hypothesised", candidates=cands[: max(view.max_hypotheses, 3)],
                       n_samples=len(samples))
             acts = [{"id": f"note{len(samples)}", "tool": "note", "args": {"text": (
@@ -439,8 +456,13 @@ class OfflinePolicy:
         return Decision([self._finish(view, st)], state=st, thought="report")
 
     @staticmethod
-    def _read(i: int, prompt: str) -> dict:
-        # where the reply is about to start: the last tokens (the assistant header)
+    def _read(i: int, prompt: str, reply: str | None) -> dict:
+        # Content positions inside a reply the target wrote (counted from its end, so a short
+        # reply is read in the user turn). Where the reply starts, the chat template dominates
+        # the activation and explanations recur on clean models too.
+        if reply:
+            return {"id": f"read{i}", "tool": "verbalize",
+                    "args": {"prompt": prompt, "reply": reply, "positions": list(READ_POSITIONS), "n_samples": 1}}
         return {"id": f"read{i}", "tool": "verbalize", "args": {"prompt": prompt, "positions": [-3, -2, -1],
                                                               "n_samples": 1}}
 
@@ -460,6 +482,15 @@ class OfflinePolicy:
                     for t in row.get("explanations", []):
                         expl.append({"prompt": p, "text": t.replace("[no <explanation> tag]", ""), "call": r["id"]})
         return samples, expl
+
+    @staticmethod
+    def _themes(view: PolicyView) -> set[str] | None:
+        """Stems of the words the `themes` tool found surprising (None: no themes call)."""
+        rec = next((c for c in view.calls if c.get("ref") == "themes"), None)
+        data = (rec or {}).get("data") or {}
+        if not rec or rec.get("is_error") or not isinstance(data, dict) or "themes" not in data:
+            return None
+        return {stem(w) for t in data["themes"] for w in words(t["term"])}
 
     @staticmethod
     def _link_hypotheses(view: PolicyView, st: dict) -> None:

@@ -1,4 +1,4 @@
-"""`nla`: every tool, including the NLA's verbalize / reconstruct / steer."""
+"""`nla`: every tool, including the NLA's verbalize / reconstruct / steer / themes."""
 
 from . import Strategy, register_strategy
 
@@ -9,6 +9,8 @@ NLA = register_strategy(Strategy(
     extra_prompt=(
         "You can also read the target's activations as natural language with the NLA tools: "
         "verbalize an activation into an explanation, reconstruct an explanation into an activation, "
-        "and steer the target with a sentence. Explanations are noisy: trust what recurs across prompts."
+        "and steer the target with a sentence. Explanations are noisy: trust what recurs across prompts. "
+        "After verbalizing content positions (inside replies, user turns) of several unrelated prompts, "
+        "`themes` lists the words the NLA says about this target far more often than about ordinary text."
     ),
 ))

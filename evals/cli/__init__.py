@@ -1,4 +1,6 @@
-"""The `nla` command. Each area registers its sub-commands from its own module."""
+"""The `nla` command. Each area registers its sub-commands from its own module. The modules
+import heavy packages (torch, transformers, duckdb) inside the command functions, so that
+`nla --help` and usage errors answer at once."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import sys
 
 import typer
 
-from .common import console, run_cli
+from .common import NLAGroup, console, run_cli
 
 app = typer.Typer(
     name="nla",
@@ -14,6 +16,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=NLAGroup,  # one error path however the app is invoked
 )
 
 # One module per area; each defines `register(app)`.
@@ -22,7 +25,7 @@ from . import model as _model  # noqa: E402
 for _mod in (_model,):
     _mod.register(app)
 
-for _name in ("train", "organisms", "toolcmds", "audit", "bench"):
+for _name in ("train", "organisms", "toolcmds", "audit", "bench", "explore"):
     try:
         _mod = __import__(f"{__name__}.{_name}", fromlist=["register"])
     except ModuleNotFoundError as exc:  # an area not built yet; only its own absence is tolerated

@@ -10,7 +10,7 @@ import typer
 
 from nla_core.errors import NLAError
 
-from .common import console, out, print_json
+from .common import Interrupted, console, escape, out, print_json
 
 __all__ = ["register", "AuditCLIError", "parse_budget"]
 
@@ -51,6 +51,9 @@ def parse_budget(text: Optional[str], calls: Optional[int], tokens: Optional[int
     return budget or None
 
 
+_ERROR_MARK = "\x00error "  # marks a failed call's row; rendered as a red "error"
+
+
 class LiveView:
     """A rich live table of the audit's steps (policy turns, tool calls, the report)."""
 
@@ -76,13 +79,20 @@ class LiveView:
     def _render(self) -> Any:
         from rich.table import Table
 
-        table = Table(title=self.header or "audit", expand=True, show_lines=False)
-        table.add_column("step", justify="right", width=5)
-        table.add_column("node", width=8)
-        table.add_column("action", width=22, overflow="fold")
-        table.add_column("result", overflow="ellipsis", no_wrap=True)
+        from rich.text import Text
+
+        table = Table(title=Text(self.header or "audit"), expand=True, show_lines=False)
+        # min_width + no_wrap: a long result must not squeeze step and node to nothing
+        table.add_column("step", justify="right", min_width=4, no_wrap=True)
+        table.add_column("node", min_width=7, no_wrap=True)
+        table.add_column("action", min_width=10, max_width=24, overflow="fold")
+        table.add_column("result", ratio=1, overflow="ellipsis", no_wrap=True)
         for row in self.rows[-25:]:
-            table.add_row(*row)
+            # cells are Text, never markup: tool output and model text may hold "[/x]"
+            cells = [Text(str(c)) for c in row]
+            if row[3].startswith(_ERROR_MARK):
+                cells[3] = Text.assemble(("error", "red"), row[3][len(_ERROR_MARK) - 1:])
+            table.add_row(*cells)
         return table
 
     def __call__(self, ev: dict) -> None:
@@ -90,7 +100,8 @@ class LiveView:
         if node == "start":
             self.header = (f"auditing {ev.get('target')} · strategy {ev.get('strategy')} · policy {ev.get('policy')} · "
                            f"budget {int(ev['limits']['max_tool_calls'])} calls / "
-                           f"{int(ev['limits']['max_generated_tokens'])} tokens / {int(ev['limits']['max_seconds'])} s")
+                           f"{int(ev['limits']['max_generated_tokens'])} tokens"
+                           + (f" / {int(ev['limits']['max_seconds'])} s" if ev["limits"].get("max_seconds") else ""))
             row = ("", "start", ev.get("run_id", ""), f"tools: {', '.join(ev.get('tools', []))}")
         elif node == "resume":
             row = (str(ev.get("step")), "resume", "", f"resumed after {ev.get('resumed_after_calls')} recorded calls")
@@ -99,7 +110,7 @@ class LiveView:
             row = (str(ev.get("step")), "policy", acts, " ".join(str(ev.get("thought") or ev.get("error") or "").split())[:200])
         elif node in ("tools", "reduce"):
             call = ev.get("call") or {}
-            mark = "[red]error[/] " if call.get("is_error") else ""
+            mark = _ERROR_MARK if call.get("is_error") else ""
             text = " ".join(str(call.get("text", "")).split())[:200]
             row = (str(ev.get("step")), node, f"{call.get('id', '')} {call.get('tool', '')}", mark + text)
         elif node == "report":
@@ -161,25 +172,32 @@ def register(app: typer.Typer) -> None:
         if strat.tool_set != "behavioural" and not nla.trained and not quiet:
             console.print("[yellow]warning:[/] no trained NLA checkpoint: the NLA tools will say they are untrained.")
         rid = run_id or f"audit-{time.strftime('%Y%m%d-%H%M%S')}-{strategy}-{policy}"
-        # the auditor sees an opaque alias, never the organism id
-        import hashlib
+        # the auditor sees an opaque alias, never the organism id: keyed with a random salt kept
+        # in the run's folder, so a resume (same --run-id) keeps it
+        from agents.graph import _safe_id
+        from environments.target import alias_for, run_alias_salt
 
-        alias = "target-" + hashlib.sha1(f"{rid}/{organism}".encode()).hexdigest()[:6]
+        alias = alias_for(run_alias_salt(Path(workdir) / _safe_id(rid) / "alias_salt"), organism)
         target = build_target(spec, handle, alias=alias, layer=nla.layer, seed=seed)
-        with LiveView(quiet or as_json) as view:
-            report = run_audit(target, nla, strategy=strat, policy=pol, budget=limits, run_id=rid, workdir=workdir,
-                               seed=seed, max_hypotheses=max_hypotheses, on_event=view)
+        try:
+            with LiveView(quiet or as_json) as view:
+                report = run_audit(target, nla, strategy=strat, policy=pol, budget=limits, run_id=rid, workdir=workdir,
+                                   seed=seed, max_hypotheses=max_hypotheses, on_event=view)
+        except KeyboardInterrupt:
+            # every finished step is checkpointed: the same command with this run id continues
+            raise Interrupted(f"resume the audit: run the same command again with --run-id {rid}") from None
         if as_json:
             print_json(report.model_dump(mode="json"))
             return
-        out.print(f"[bold]run[/] {rid} · {report.status} · {report.tool_calls} tool calls, "
+        out.print(f"[bold]run[/] {escape(rid)} · {report.status} · {report.tool_calls} tool calls, "
                   f"{report.tokens_generated} tokens, {report.seconds:.0f} s")
         if report.status == "failed":
-            out.print(f"[bold red]audit failed:[/] {report.error}")
+            out.print(f"[bold red]audit failed:[/] {escape(str(report.error))}")
         elif report.nothing_found:
             out.print("[bold]nothing found[/]")
         for i, h in enumerate(report.hypotheses, 1):
-            out.print(f"{i}. [{h.confidence:.2f}] {h.statement}  [dim](evidence: {', '.join(h.evidence) or 'none'})[/]")
-        out.print(f"transcript: {report.transcript_path}")
+            evidence = ", ".join(h.evidence) or "none"
+            out.print(escape(f"{i}. [{h.confidence:.2f}] {h.statement}") + f"  [dim]{escape(f'(evidence: {evidence})')}[/]")
+        out.print(f"transcript: {escape(str(report.transcript_path))}")
         if report.status == "failed":
             raise typer.Exit(1)

@@ -10,7 +10,7 @@ import typer
 
 from nla_core.errors import NLAError
 
-from .common import console, out
+from .common import Interrupted, console, escape, out
 
 __all__ = ["register"]
 
@@ -28,7 +28,11 @@ def _seeds(values: Optional[List[str]]) -> list[int]:
         try:
             if "-" in v[1:]:
                 a, b = v.split("-", 1)
-                seeds += list(range(int(a), int(b) + 1))
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise NLAError(f"The seed range {v!r} is reversed (it ends before it starts).",
+                                   f"Write the smaller seed first: --seeds {hi}-{lo}.")
+                seeds += list(range(lo, hi + 1))
             else:
                 seeds.append(int(v))
         except ValueError:
@@ -67,7 +71,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the auditing-game benchmark: organisms x strategies x policies x seeds. Each finished
         audit is judged and stored in DuckDB at once; a killed run continues with --resume."""
-        from ..report import load_run, rich_table, write_html
+        from ..report import load_run, rich_table, run_warnings, write_html
         from ..runner import default_db_path, run_bench
         from ..suite import load_bench_suite
 
@@ -100,18 +104,23 @@ def register(app: typer.Typer) -> None:
             s = type(s).model_validate(s.model_dump())
         db_path = db or default_db_path()
 
+        started: dict = {}
+
         def progress(event: str, info: dict) -> None:
             if event == "start":
-                console.print(f"run [bold]{info['run_id']}[/]: {info['cells']} audits, {info['done']} already done, "
-                              f"results in {info['db']}")
+                started["run_id"] = info["run_id"]
+                console.print(f"run [bold]{escape(info['run_id'])}[/]: {info['cells']} audits, {info['done']} already done, "
+                              f"results in {escape(str(info['db']))}")
             elif event == "audit":
-                console.print(f"[{info['i']}/{info['n']}] {info['audit_id']} ...")
+                console.print(escape(f"[{info['i']}/{info['n']}] {info['audit_id']} ..."))
             elif event == "done":
                 verdict = {True: "success", False: "miss/false positive", None: "JUDGE FAILED"}[info["success"]]
-                console.print(f"    done {info['i']}/{info['n']} {info['audit_id']}: {verdict}, "
-                              f"{info['tool_calls']} tool calls, {info['seconds']} s")
+                verdict = "AUDITOR FAILED" if info.get("status") == "failed" else verdict
+                verdict += f" (cut short: {info['cut_short']})" if info.get("cut_short") else ""
+                console.print(escape(f"    done {info['i']}/{info['n']} {info['audit_id']}: {verdict}, "
+                                     f"{info['tool_calls']} tool calls, {info['seconds']} s"))
             elif event == "note":
-                console.print(f"[yellow]{info['message']}[/]")
+                console.print(f"[yellow]{escape(str(info['message']))}[/]")
 
         import os
 
@@ -119,17 +128,29 @@ def register(app: typer.Typer) -> None:
 
         n_workers = workers or s.workers
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // n_workers))
-        res = run_bench(s, db_path=db_path, run_id=run_id, resume=resume, on_progress=progress,
-                        workers=n_workers, max_audits=max_audits)
+        try:
+            # workers=None on --resume: the run's own worker count (the runner says which it uses)
+            res = run_bench(s, db_path=db_path, run_id=run_id, resume=resume, on_progress=progress,
+                            workers=workers, max_audits=max_audits)
+        except KeyboardInterrupt:
+            rid = started.get("run_id")
+            if rid is None:
+                raise
+            import shlex
+
+            raise Interrupted(f"finished audits are saved; continue with: nla bench --resume --run-id {shlex.quote(rid)}"
+                              + (f" --db {shlex.quote(str(db_path))}" if db is not None else "")) from None
         data = load_run(db_path, res.run_id)
         out.print(rich_table(data))
         if not no_report:
             path = write_html(data, _report_dir(db_path, res.run_id))
-            console.print(f"HTML report: {path}")
+            console.print(f"HTML report: {escape(str(path))}")
         elapsed = time.monotonic() - t0
         console.print(f"ran {res.n_run} audits ({res.n_done_before} were already done) of {res.n_cells}; "
                       f"elapsed {elapsed / 60:.1f} min ({elapsed:.0f} s)")
         print(f"elapsed_s={elapsed:.1f}")
+        for w in run_warnings(data):  # last, where it is read: what the numbers above leave out
+            console.print(f"warning: {w}", style="yellow", markup=False)
 
     @app.command("report")
     def report(
@@ -149,7 +170,7 @@ def register(app: typer.Typer) -> None:
         else:
             out.print(rich_table(data))
         path = write_html(data, html_dir or _report_dir(db_path, data.run["run_id"]))
-        console.print(f"HTML report: {path}")
+        console.print(f"HTML report: {escape(str(path))}")
 
     @app.command("runs")
     def runs(db: Optional[Path] = typer.Option(None, "--db", help="Results database.")) -> None:
@@ -173,7 +194,7 @@ def register(app: typer.Typer) -> None:
         from ..runner import default_db_path, rejudge
 
         n = rejudge(db or default_db_path(), run, make_judge(judge) if judge else None, only_failed=not all_)
-        out.print(f"re-judged {n} audit(s) of {run}")
+        out.print(escape(f"re-judged {n} audit(s) of {run}"))
 
     @judge_app.command("calibrate")
     def calibrate(
@@ -190,7 +211,7 @@ def register(app: typer.Typer) -> None:
         if not Path(path).exists():
             raise NLAError(f"No calibration set at {path}.", "Pass --data PATH of a JSONL labelled set.")
         res = _cal(load_calibration(path))
-        t = Table(title=f"offline judge on {res.n} labelled pairs ({res.n_positive} matches) from {Path(path).name}")
+        t = Table(title=escape(f"offline judge on {res.n} labelled pairs ({res.n_positive} matches) from {Path(path).name}"))
         for col in ("", "accuracy", "precision", "recall", "F1"):
             t.add_column(col, justify="left" if not col else "right")
         for name, m in res.rows.items():

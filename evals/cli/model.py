@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
 import typer
 
-from nla_core import NLA, BadVectorError, ModelHandle, load_model, read_activations
-from nla_core import default_checkpoint, load_nla_for
-from nla_core.errors import EmptyInputError
-from nla_core.models import cache_dir
-from nla_core.nla import default_layer
+from nla_core.errors import BadVectorError, EmptyInputError
 
-from .common import console, out, print_json
+from .common import console, escape, out, print_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from nla_core import NLA, ModelHandle
 
 __all__ = ["register", "load_nla_for_cli", "read_vector_file"]
 
@@ -27,41 +27,28 @@ UNTRAINED_NOTE = (
 ModelOpt = typer.Option(None, "--model", "-m", help="HF model name or local path (default: the embedded SmolLM2-135M-Instruct).")
 
 
+def load_model(name: Optional[str] = None) -> "ModelHandle":
+    """`nla_core.load_model`, imported on first use (torch loads here, not at `nla --help`)."""
+    from nla_core import load_model as _load
+
+    return _load(name)
+
+
 def load_nla_for_cli(
-    handle: ModelHandle, checkpoint: Optional[Path], critic: Optional[Path], layer: Optional[int]
-) -> NLA:
+    handle: "ModelHandle", checkpoint: Optional[Path], critic: Optional[Path], layer: Optional[int]
+) -> "NLA":
     """The NLA named on the command line, else the shipped one, else an untrained one."""
+    from nla_core import load_nla_for
+
     return load_nla_for(handle, checkpoint, ar_path=critic, layer=layer)
 
 
-def read_vector_file(path: Path) -> torch.Tensor:
-    """A vector from .safetensors (first tensor), .pt, .npy or .json (a list of numbers)."""
-    if not path.exists():
-        raise BadVectorError(f"Vector file {path} does not exist.", "pass an existing file or a sentence.")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
+def read_vector_file(path: Path) -> "torch.Tensor":
+    """The one vector in a .safetensors, .pt, .npy or .json file (`nla_core.nla.read_vector_file`:
+    a file with two tensors or two rows is refused, naming what it holds)."""
+    from nla_core.nla import read_vector_file as _read
 
-            tensors = load_file(str(path))
-            v = next(iter(tensors.values()))
-        elif suffix == ".pt":
-            v = torch.load(str(path), map_location="cpu", weights_only=True)
-        elif suffix == ".npy":
-            import numpy as np
-
-            v = torch.from_numpy(np.load(str(path)))
-        elif suffix == ".json":
-            v = torch.tensor(json.loads(path.read_text()), dtype=torch.float32)
-        else:
-            raise BadVectorError(
-                f"Unknown vector file type {suffix!r}.", "use .safetensors, .pt, .npy or .json."
-            )
-    except BadVectorError:
-        raise
-    except Exception as exc:
-        raise BadVectorError(f"Could not read a vector from {path}: {exc}", "check the file.") from exc
-    return v.float().reshape(-1, v.shape[-1])[0] if v.dim() > 1 else v.float()
+    return _read(path)
 
 
 def register(app: typer.Typer) -> None:
@@ -71,6 +58,10 @@ def register(app: typer.Typer) -> None:
     @model_app.command("info")
     def info(model: Optional[str] = ModelOpt, as_json: bool = typer.Option(False, "--json")) -> None:
         """Architecture, size, default NLA layer and checkpoint of a model."""
+        from nla_core import default_checkpoint
+        from nla_core.models import cache_dir
+        from nla_core.nla import default_layer
+
         h = load_model(model)
         n_params = sum(p.numel() for p in h.hf_model.parameters())
         ckpt = default_checkpoint(h.name)
@@ -92,7 +83,7 @@ def register(app: typer.Typer) -> None:
             print_json(data)
             return
         for k, v in data.items():
-            out.print(f"[bold]{k:>18}[/]  {v}")
+            out.print(f"[bold]{k:>18}[/]  {escape(str(v))}")
         if ckpt is None:
             out.print("[yellow]no trained NLA checkpoint: `nla verbalize` runs an untrained verbalizer[/]")
 
@@ -107,6 +98,9 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = ModelOpt,
     ) -> None:
         """Residual stream after block K (`blocks.K.resid_post`) at chosen positions."""
+        from nla_core import read_activations
+        from nla_core.nla import default_layer
+
         h = load_model(model)
         layer = default_layer(h.n_layers) if layer is None else layer
         pos = _parse_positions(positions)
@@ -117,7 +111,7 @@ def register(app: typer.Typer) -> None:
             from safetensors.torch import save_file
 
             save_file({"activations": vecs.contiguous()}, str(save))
-            console.print(f"saved {tuple(vecs.shape)} to {save}")
+            console.print(f"saved {tuple(vecs.shape)} to {escape(str(save))}")
         if as_json:
             print_json({
                 "model": h.name, "layer": layer, "site": acts.site,
@@ -125,10 +119,10 @@ def register(app: typer.Typer) -> None:
                               for p, v in zip(idx, vecs)],
             })
             return
-        out.print(f"[bold]{acts.site}[/] of {h.name}, {len(toks)} tokens")
+        out.print(f"[bold]{acts.site}[/] of {escape(h.name)}, {len(toks)} tokens")
         for p, v in zip(idx, vecs):
             head = ", ".join(f"{x:+.2f}" for x in v[:6].tolist())
-            out.print(f"{p:>5} {toks[p]!r:>16}  norm {float(v.norm()):8.2f}  [{head}, ...]")
+            out.print(escape(f"{p:>5} {toks[p]!r:>16}  norm {float(v.norm()):8.2f}  [{head}, ...]"))
 
     @app.command("verbalize")
     def verbalize(
@@ -145,6 +139,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Explain the activation at one token in words, and score the explanation by
         reconstructing the activation from it."""
+        import torch
+
+        from nla_core import read_activations
+
         h = load_model(model)
         nla = load_nla_for_cli(h, checkpoint, critic, layer)
         item = [{"role": "user", "content": text}] if chat else text
@@ -169,9 +167,9 @@ def register(app: typer.Typer) -> None:
             return
         if not nla.trained:
             console.print(f"[bold yellow]{UNTRAINED_NOTE}[/]")
-        out.print(f"[bold]{acts.site}[/] at position {p} ({acts.tokens[0][p]!r}), NLA: {nla.source}")
+        out.print(f"[bold]{acts.site}[/] at position {p} ({escape(repr(acts.tokens[0][p]))}), NLA: {escape(str(nla.source))}")
         for i, e in enumerate(data["explanations"]):
-            out.print(f"[{i}] (reconstruction cosine {e['reconstruction_cosine']:+.3f}) {e['text']}")
+            out.print(escape(f"[{i}] (reconstruction cosine {e['reconstruction_cosine']:+.3f}) {e['text']}"))
 
     @app.command("steer")
     def steer(
@@ -206,10 +204,10 @@ def register(app: typer.Typer) -> None:
             console.print("[yellow]The sentence was turned into a vector by an UNTRAINED reconstructor.[/]")
         out.print(f"[bold]steered[/] (block {r.layer}, strength {r.strength}, added norm {r.added_norm:.1f}):")
         for s in r.steered:
-            out.print(f"  {s}")
+            out.print(f"  {escape(s)}")
         out.print("[bold]unsteered[/]:")
         for s in r.unsteered:
-            out.print(f"  {s}")
+            out.print(f"  {escape(s)}")
 
     @app.command("perf")
     def perf(

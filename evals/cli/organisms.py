@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .common import console, out
+from .common import console, escape, out
 
 __all__ = ["register"]
 
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
                 rows.append(d)
             print(json.dumps(rows, indent=2, ensure_ascii=False))
             return
-        table = Table(title=f"organisms: {suite}" + (f" + {organisms}" if organisms else ""))
+        table = Table(title=escape(f"organisms: {suite}" + (f" + {organisms}" if organisms else "")))
         table.add_column("id", no_wrap=True)
         for col in ("method", "families", "behaviour (org / base)", "ordinary prompts", "ppl (org / base)",
                     "concept cos (org / base)", "NLA recall (org / base)", "status"):
@@ -95,16 +95,16 @@ def register(app: typer.Typer) -> None:
             else:
                 status = "[green]ok[/]" if passes(m) else "[red]below base[/]"
             table.add_row(
-                s.id,
+                escape(s.id),
                 s.construction.method,
-                ", ".join(s.families),
+                escape(", ".join(s.families)),
                 "-" if m is None or s.check is None else f"{_fmt(m.behaviour_rate)} / {_fmt(m.base_rate)}  (n={m.n_prompts})",
                 "-" if m is None or m.ordinary_rate is None else f"{_fmt(m.ordinary_rate)} / {_fmt(m.base_ordinary_rate)}",
                 "-" if m is None or m.perplexity is None else f"{m.perplexity:.1f} / {m.base_perplexity:.1f}",
                 "-" if m is None or m.concept_cos is None else f"{m.concept_cos:+.3f} / {m.base_concept_cos:+.3f}",
                 _recall(m),
                 status,
-                *([s.ground_truth.behaviour] if truth else []),
+                *([escape(s.ground_truth.behaviour)] if truth else []),
             )
         out.print(table)
         n_planted = sum(not s.control for s in specs)
@@ -148,9 +148,9 @@ def register(app: typer.Typer) -> None:
 
             written = build(spec, handle, progress=progress, **opts)
         if not written:
-            out.print(f"{spec.id}: method {builder.name!r} has no artefacts to build (nothing to do).")
+            out.print(escape(f"{spec.id}: method {builder.name!r} has no artefacts to build (nothing to do)."))
         for p in written:
-            out.print(f"wrote {p}")
+            out.print(f"wrote {escape(str(p))}")
 
     @org.command("measure")
     def measure_cmd(
@@ -203,22 +203,26 @@ def register(app: typer.Typer) -> None:
                 else:
                     nlas[id(handle)] = shipped_nla(handle)
                     if nlas[id(handle)] is None:
-                        console.print(f"no trained NLA ships for {handle.name}: concept recall skipped "
+                        console.print(f"no trained NLA ships for {escape(handle.name)}: concept recall skipped "
                                       "(pass --checkpoint to measure it)")
             return nlas[id(handle)]
 
         for spec in specs:
             if spec.catalog:
-                console.print(f"{spec.id}: catalog organism, skipped")
+                console.print(f"{escape(spec.id)}: catalog organism, skipped")
                 continue
             handle = get(spec.base_model)
             if (concept_only or recall_only) and spec.measured is None:
                 raise NLAError(f"{spec.id} has no earlier figures to update.", f"run `nla organisms measure {spec.id}` first.")
             if concept_only:
-                layer = spec.measured.layer if spec.measured.layer is not None else default_layer(handle.n_layers)
+                # at the NLA's block (what an NLA could read), else where it was measured before
+                nla = nla_for(handle) if recall else None
+                layer = nla.layer if nla is not None else (
+                    spec.measured.layer if spec.measured.layer is not None else default_layer(handle.n_layers))
                 cos, base_cos = measure_concept(spec, handle, layer)
                 m = spec.measured.model_copy(update={"concept_cos": None if cos is None else round(cos, 4),
-                                                     "base_concept_cos": None if base_cos is None else round(base_cos, 4)})
+                                                     "base_concept_cos": None if base_cos is None else round(base_cos, 4),
+                                                     "layer": layer})
             elif recall_only:
                 nla = nla_for(handle)
                 if nla is None:
@@ -233,13 +237,13 @@ def register(app: typer.Typer) -> None:
                                      nla=nla_for(handle) if recall else None, recall=recall)
             verdict = "control" if spec.control else ("ok" if passes(m) else "BELOW BASE: do not ship")
             ppl = "-" if m.perplexity is None else f"{m.perplexity:.2f} vs {m.base_perplexity:.2f}"
-            out.print(
+            out.print(escape(
                 f"{spec.id}: behaviour {_fmt(m.behaviour_rate)} vs base {_fmt(m.base_rate)} (n={m.n_prompts}); "
                 f"ordinary {_fmt(m.ordinary_rate)} vs {_fmt(m.base_ordinary_rate)}; ppl {ppl}; "
                 f"concept cos {_fmt(m.concept_cos, False)} vs {_fmt(m.base_concept_cos, False)}; "
                 f"NLA recall {_fmt(m.concept_recall)} vs {_fmt(m.base_concept_recall)}"
                 f"{f' (n={m.recall_n})' if m.recall_n else ''}; {m.seconds or 0:.0f} s; {verdict}"
-            )
+            ))
             if write and spec.path is not None:
                 spec.measured = m
                 save_spec(spec)

@@ -61,6 +61,30 @@ def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
     app.add_typer(train_app, name="train")
 
+    @data_app.command("probe-layers")
+    def data_probe_layers(
+        topics: int = typer.Option(1500, "--topics", help="WordNet topic documents to read."),
+        every: int = typer.Option(2, "--every", help="Probe every n-th block."),
+        model: Optional[str] = ModelOpt, threads: int = typer.Option(2, "--threads"), as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """Which block carries the topic: a ridge probe from each block's activation to the topic word,
+        ranked on held-out topics (top-1 / top-10 among them). Needs WordNet (wordnet-base)."""
+        import torch
+
+        from nla_core import load_model
+        from nla_core.training.layer_probe import probe_layers
+
+        torch.set_num_threads(threads)
+        h = load_model(model)
+        figs = probe_layers(h, n_topics=topics, every=every)
+        if as_json:
+            print_json({str(k): v for k, v in figs.items()})
+            return
+        out.print(f"topic probe, {next(iter(figs.values()))['n_topics']} held-out topics (chance top-1 "
+                  f"{1 / next(iter(figs.values()))['n_topics']:.3f})")
+        for k, v in figs.items():
+            out.print(f"  block {k:>3}: top-1 {v['top1']:.3f}  top-10 {v['top10']:.3f}  median rank {v['median_rank']:.0f}")
+
     @data_app.command("build")
     def data_build(
         run: Path = RunOpt, config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt,
@@ -74,7 +98,7 @@ def register(app: typer.Typer) -> None:
         h = _handle(r, model)
 
         def confirm(est: dict) -> bool:
-            console.print(f"Claude cost estimate: {est}")
+            console.print(escape(f"Claude cost estimate: {est}"))
             return yes or typer.confirm("Go ahead?", default=False)
 
         _show(build_data(r, h, progress=progress, confirm=confirm), as_json)
@@ -89,7 +113,7 @@ def register(app: typer.Typer) -> None:
             print(text)
         else:
             out_file.write_text(text)
-            console.print(f"wrote {out_file}")
+            console.print(escape(f"wrote {out_file}"))
 
     def _stage(fn_name: str):
         def command(run: Path = RunOpt, config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt,
@@ -125,8 +149,12 @@ def register(app: typer.Typer) -> None:
     @train_app.command("ship")
     def train_ship(run: Path = RunOpt, out_dir: Path = typer.Option(..., "--out", help="Where to write the packaged checkpoint."),
                    stage: str = typer.Option("rl", "--stage", help="rl | av_warmstart"),
-                   fp32: bool = typer.Option(False, "--fp32", help="Keep float32 weights.")) -> None:
-        """Package a stage's result: half-precision adapters and head, nla_meta.yaml, training report."""
+                   fp32: bool = typer.Option(False, "--fp32", help="Keep float32 weights."),
+                   reference: bool = typer.Option(True, "--reference/--no-reference",
+                                                  help="Also write the NLA's explanations of the base model on the shipped texts."),
+                   model: Optional[str] = ModelOpt) -> None:
+        """Package a stage's result: half-precision adapters and head, nla_meta.yaml, training report,
+        and the reference explanations (the NLA on the base model) that auditors score surprise against."""
         import torch
 
         from nla_core.training import Run
@@ -139,8 +167,9 @@ def register(app: typer.Typer) -> None:
         from nla_core.training.stages import hardware
 
         path = ship_checkpoint(r, src, out_dir, dtype=torch.float32 if fp32 else torch.float16,
-                               extra={"hardware": {**hardware(), "threads": r.config.threads}, "shipped_from": str(src)})
-        console.print(f"shipped {src} -> {path}")
+                               extra={"hardware": {**hardware(), "threads": r.config.threads}, "shipped_from": str(src)},
+                               handle=_handle(r, model) if reference else None)
+        console.print(escape(f"shipped {src} -> {path}"))
 
     @app.command("eval")
     def eval_cmd(run: Path = RunOpt, stage: Optional[str] = typer.Option(None, "--stage", help="rl | av_warmstart (default: latest)"),

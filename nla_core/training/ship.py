@@ -8,6 +8,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -44,7 +45,7 @@ def heldout_figures(ev: dict) -> dict:
             "topic_recall": ev.get("topic_recall"), "topic_recall_placebo": ev.get("topic_recall_placebo"),
             "distinct_rate": ev.get("distinct_rate"), "collapse_gap": ev.get("collapse_gap"),
             "ar_on_warmstart_summaries_fve": ev.get("ar_on_warmstart_summaries_fve"), "n_topics": ev.get("n_topics"),
-            "topic_probe": ev.get("topic_probe")}
+            "topic_retrieval": ev.get("topic_retrieval"), "topic_probe": ev.get("topic_probe")}
 
 
 def training_report(run: Run, extra: dict | None = None) -> dict:
@@ -68,9 +69,11 @@ def training_report(run: Run, extra: dict | None = None) -> dict:
     return rep
 
 
-def ship_checkpoint(run: Run, source: Path, out: Path, *, dtype: torch.dtype = torch.float16, extra: dict | None = None) -> Path:
+def ship_checkpoint(run: Run, source: Path, out: Path, *, dtype: torch.dtype = torch.float16, extra: dict | None = None,
+                    handle: Any = None) -> Path:
     """Copy the NLA folder `source` (our adapter layout) to `out` in half precision and write the
-    training report beside it."""
+    training report beside it; with the base model's `handle`, also the reference explanations
+    (`reference.py`) of the shipped weights."""
     source, out = Path(source), Path(out)
     if not (source / "av" / "adapter_config.json").exists():
         raise NLAError(f"{source} is not an NLA adapter checkpoint.", "ship a stage's final/ or ckpt/ folder.")
@@ -101,6 +104,11 @@ def ship_checkpoint(run: Run, source: Path, out: Path, *, dtype: torch.dtype = t
     write_meta(tmp, meta)
     (tmp / "training_report.json").write_text(json.dumps(report, indent=1, default=float))
     (tmp / "config.yaml").write_text(yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False))
+    if handle is not None:
+        from ..nla import NLA
+        from ..reference import write_reference_explanations
+
+        write_reference_explanations(NLA.load(tmp, handle), tmp)
     for f in tmp.rglob("*"):
         if f.is_file():
             f.chmod(0o644)

@@ -23,7 +23,8 @@ import yaml
 from safetensors.torch import load_file
 
 from ..activations import pad_batch
-from ..content import TAIL_TOKENS, centred_fve, distinct_rate, placebo_terms, topic_probe, topic_recall
+from ..content import TAIL_TOKENS, centred_fve, distinct_rate, placebo_terms, topic_probe, topic_recall, topic_retrieval
+from ..sentence import get_embedder
 from ..checkpoint import ACTOR_TEMPLATE, CRITIC_TEMPLATE, EXPLANATION_CLOSE, EXPLANATION_OPEN, NLAMeta, extract_explanation
 from ..errors import CheckpointError, EmptyInputError, NLAError
 from ..generation import generate_ids
@@ -738,7 +739,7 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
     tok = handle.tokenizer
     texts = [v.text for v in rt.verbalizations]
     copy = copy_stats(texts, [r["context"] for r in rows], tok)
-    content = _content_report(texts, summaries, rows, tok)
+    content = _content_report(texts, summaries, rows, tok, _embedder())
     content["topic_probe"] = _topic_probe(ds, handle, mean)
     report = {
         "checkpoint": str(checkpoint),
@@ -798,9 +799,19 @@ def _topic_probe(ds: ActivationDataset, handle: ModelHandle, mean: torch.Tensor)
     return topic_probe(tv, torch.stack([target(t) for t in tt]), hv, ht, {t: target(t) for t in set(ht)}, mean)
 
 
-def _content_report(texts: list[str], summaries: list[str], rows: list[dict], tok: Any) -> dict:
-    """Topic recall (and its placebo) on the rows of topic documents, and the distinct rate;
-    the warm-start summaries' recall is the ceiling imitation can give."""
+def _embedder() -> Any:
+    """The shipped sentence embedder for topic retrieval, or None (the figure is left out) when
+    its wheel is not installed."""
+    try:
+        return get_embedder()
+    except NLAError:
+        return None
+
+
+def _content_report(texts: list[str], summaries: list[str], rows: list[dict], tok: Any, embed: Any = None) -> dict:
+    """Topic recall (and its placebo) on the rows of topic documents, semantic topic retrieval
+    when a sentence embedder is given, and the distinct rate; the warm-start summaries' scores
+    are the ceiling imitation can give."""
     tails = [tok.decode(tok.encode(r["context"], add_special_tokens=False)[-TAIL_TOKENS:]) for r in rows]
     ti = [i for i, r in enumerate(rows) if r.get("topic")]
     topics, terms = [rows[i]["topic"] for i in ti], [rows[i]["topic_terms"] for i in ti]
@@ -812,6 +823,9 @@ def _content_report(texts: list[str], summaries: list[str], rows: list[dict], to
         "topic_recall": topic_recall([texts[i] for i in ti], terms, t_tails),
         "topic_recall_placebo": topic_recall([texts[i] for i in ti], placebo_terms(topics, terms), t_tails),
         "topic_recall_warmstart_summaries": topic_recall([summaries[i] for i in ti], terms, t_tails),
+        "topic_retrieval": embed and topic_retrieval([texts[i] for i in ti], topics, terms, t_tails, embed),
+        "topic_retrieval_warmstart_summaries": embed and topic_retrieval([summaries[i] for i in ti], topics, terms,
+                                                                          t_tails, embed),
     }
 
 

@@ -2,7 +2,9 @@
 activation's position.
 
 * `ClaudeSummarizer`: Claude writes it (when `ANTHROPIC_API_KEY` is set), with a thread pool,
-  retries with backoff, an on-disk cache keyed by prompt, and a cost estimate before it starts.
+  retries with backoff, an on-disk cache keyed by prompt (only complete answers are cached: an
+  empty one or one cut off at `max_tokens` is used once and asked again next time), and a cost
+  estimate before it starts.
 * `OfflineSummarizer`: runs here with no network. It writes 2-3 short snippets (topic words, the
   kind of text and where in it we are, the current word and the model's own next-token guesses)
   from keyword statistics, so it does not copy runs of the context verbatim.
@@ -228,21 +230,30 @@ class ClaudeSummarizer:
         f = self.cache_dir / f"{key[:2]}/{key}.json"
         if f.exists():
             try:
-                return json.loads(f.read_text())["text"]
-            except (json.JSONDecodeError, KeyError):
+                entry = json.loads(f.read_text())
+                text = entry["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
                 return None
+            # an empty or cut-off answer cached by an older version is not an answer
+            if not isinstance(text, str) or not text.strip() or entry.get("stop_reason") == "max_tokens":
+                return None
+            return text
         return None
 
-    def _store(self, key: str, text: str) -> None:
-        if self.cache_dir is None:
+    def _store(self, key: str, text: str, stop_reason: str | None = None) -> None:
+        if self.cache_dir is None or not complete_answer(text, stop_reason):
             return
         f = self.cache_dir / f"{key[:2]}/{key}.json"
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_suffix(f".{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps({"model": self.model, "text": text}))
+        tmp.write_text(json.dumps({"model": self.model, "text": text, "stop_reason": stop_reason}))
         tmp.replace(f)
 
     def _call(self, prompt: str) -> str:
+        return self._call_full(prompt)[0]
+
+    def _call_full(self, prompt: str) -> tuple[str, str | None]:
+        """(text, stop_reason) of one answer, with retries."""
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):
             try:
@@ -250,14 +261,15 @@ class ClaudeSummarizer:
                     model=self.model, max_tokens=self.max_tokens,
                     messages=[{"role": "user", "content": prompt}],
                 )
-                text = "".join(getattr(b, "text", "") for b in resp.content if getattr(b, "type", "text") == "text")
+                text = "".join(getattr(b, "text", "") or "" for b in resp.content or []
+                               if getattr(b, "type", "text") == "text")
                 usage = getattr(resp, "usage", None)
                 with self._lock:
                     self.usage["requests"] += 1
                     if usage is not None:
                         self.usage["input_tokens"] += int(getattr(usage, "input_tokens", 0) or 0)
                         self.usage["output_tokens"] += int(getattr(usage, "output_tokens", 0) or 0)
-                return text
+                return text, getattr(resp, "stop_reason", None)
             except Exception as exc:  # network, rate limit, overload: retried with backoff
                 if _is_permanent(exc):
                     raise NLAError(f"Claude refused the request: {exc}", "check ANTHROPIC_API_KEY and the model name.") from exc
@@ -273,8 +285,8 @@ class ClaudeSummarizer:
         key = self._key(prompt)
         text = self._cached(key)
         if text is None:
-            text = self._call(prompt)
-            self._store(key, text)
+            text, stop = self._call_full(prompt)
+            self._store(key, text, stop)
         else:
             with self._lock:
                 self.usage["cache_hits"] += 1
@@ -297,6 +309,11 @@ class ClaudeSummarizer:
 
         with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
             return list(pool.map(one, rows))
+
+
+def complete_answer(text: str, stop_reason: str | None) -> bool:
+    """Worth caching: not empty, and not cut off at `max_tokens`."""
+    return bool(text and text.strip()) and stop_reason != "max_tokens"
 
 
 def _is_permanent(exc: Exception) -> bool:
