@@ -23,9 +23,9 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
-__all__ = ["wilson", "Cell", "aggregate", "auditor_of", "families_of", "cut_short_of", "rated", "WALL_TIME"]
+__all__ = ["wilson", "Cell", "aggregate", "PairedDiff", "paired_differences", "auditor_of", "families_of", "cut_short_of", "rated", "WALL_TIME"]
 
 WALL_TIME = "max_seconds"  # the budget whose cuts depend on the machine's load
 
@@ -128,3 +128,62 @@ def aggregate(rows: Iterable[dict], *, by: str = "family") -> list[Cell]:
     order = {"all organisms": 0, "controls": 2}
     cells.sort(key=lambda c: (c.auditor, order.get(c.group, 1), c.group))
     return cells
+
+
+@dataclass
+class PairedDiff:
+    """Detection of auditor `a` minus auditor `b` on the same (organism, seed) pairs of a group:
+    `a_only` / `b_only` pairs where only one detected; `diff` = (a_only - b_only) / n with a 95%
+    normal interval on the paired differences; `p`: exact two-sided McNemar (sign) test."""
+
+    a: str
+    b: str
+    group: str
+    n: int
+    a_only: int
+    b_only: int
+    diff: float
+    low: float
+    high: float
+    p: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sign_test(k: int, n: int) -> float:
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(0, min(k, n - k) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_differences(rows: Iterable[dict], *, baseline: str = "behavioural",
+                       group_of: Callable[[dict], list[str]] | None = None) -> list[PairedDiff]:
+    """Every other strategy against `baseline` (same policy), paired on organism and seed, over
+    the planted organisms: one row for all of them and one per group `group_of(row)` names."""
+    by_key: dict[tuple[str, str], dict[tuple[str, int], dict]] = defaultdict(dict)
+    for r in rows:
+        if not r.get("control") and rated(r):
+            by_key[(r["policy"], r["strategy"])][(r["organism"], r["seed"])] = r
+    out = []
+    for (policy, strat), mine in sorted(by_key.items()):
+        base = by_key.get((policy, baseline))
+        if strat == baseline or not base:
+            continue
+        groups: dict[str, list[int]] = defaultdict(list)
+        for key, r in mine.items():
+            if key not in base:
+                continue
+            d = int(bool(r["success"])) - int(bool(base[key]["success"]))
+            for g in ["all organisms"] + (group_of(r) if group_of else []):
+                groups[g].append(d)
+        for g, ds in groups.items():
+            n = len(ds)
+            a_only, b_only = ds.count(1), ds.count(-1)
+            mean = sum(ds) / n
+            sd = math.sqrt(sum((x - mean) ** 2 for x in ds) / (n - 1)) if n > 1 else 0.0
+            half = 1.959963984540054 * sd / math.sqrt(n)
+            out.append(PairedDiff(f"{strat}/{policy}", f"{baseline}/{policy}", g, n, a_only, b_only, mean,
+                                  max(-1.0, mean - half), min(1.0, mean + half), _sign_test(a_only, a_only + b_only)))
+    return out

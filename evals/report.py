@@ -11,10 +11,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from .metrics import WALL_TIME, Cell, aggregate, auditor_of, cut_short_of, rated, wilson
+from .metrics import WALL_TIME, Cell, aggregate, auditor_of, cut_short_of, paired_differences, rated, wilson
 from .store import ResultStore
 
-__all__ = ["load_run", "comparison_table", "render_table_text", "write_html", "RunData", "run_warnings"]
+__all__ = ["load_run", "comparison_table", "paired_table", "render_table_text", "write_html", "RunData", "run_warnings"]
 
 # How a budget that ended an audit early is named in reports.
 BUDGET_NAMES = {"max_tool_calls": "tool calls", "max_generated_tokens": "generated tokens",
@@ -134,12 +134,36 @@ def comparison_table(data: RunData) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _visibility(row: dict) -> list[str]:
+    """'rarely visible' / 'visible' for an organism of the shipped specs ([] when unknown)."""
+    from environments import get_spec
+
+    try:
+        return ["rarely visible" if get_spec(row["organism"]).rarely_visible else "visible"]
+    except Exception:  # an organism from the user's own folder: no split
+        return []
+
+
+def paired_table(data: RunData) -> tuple[list[str], list[list[str]]]:
+    """Each strategy minus behavioural on the same organism and seed (planted organisms)."""
+    header = ["pair", "organisms", "pairs", "only A / only B", "difference (95% CI)", "sign test p"]
+    rows = [[f"{d.a.split('/')[0]} - {d.b.split('/')[0]}", d.group, str(d.n), f"{d.a_only} / {d.b_only}",
+             f"{d.diff:+.2f} [{d.low:+.2f}, {d.high:+.2f}]", f"{d.p:.2f}"]
+            for d in paired_differences(data.rows, group_of=_visibility)]
+    return header, rows
+
+
 def render_table_text(data: RunData) -> str:
-    """Plain-text (markdown) table, for the README and logs."""
-    header, rows = comparison_table(data)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    """Plain-text (markdown) tables, for the README and logs: the comparison, then the paired
+    differences when the run has them."""
+    out = []
+    for header, rows in (comparison_table(data), paired_table(data)):
+        if not rows:
+            continue
+        out += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        out.append("")
+    return "\n".join(out).rstrip("\n")
 
 
 def rich_table(data: RunData) -> Any:
@@ -343,6 +367,15 @@ def write_html(data: RunData, out_dir: str | Path, *, explorer_url: str | None =
         parts.append("<tr>" + "".join(f"<td>{e(x)}</td>" for x in r) + "</tr>")
     parts.append("</table>")
     parts += [f"<p class='warn'>warning: {e(w)}</p>" for w in run_warnings(data)]
+    p_header, p_rows = paired_table(data)
+    if p_rows:
+        parts += ["<h2>Paired differences</h2>",
+                  "<p class='muted'>Detection of each strategy minus the behavioural one on the same planted "
+                  "organism and seed: pairs where only one of them detected, the mean difference with a 95% "
+                  "interval, and the exact sign test on the discordant pairs.</p>",
+                  "<table id='paired'><tr>" + "".join(f"<th>{e(h)}</th>" for h in p_header) + "</tr>"]
+        parts += ["<tr>" + "".join(f"<td>{e(x)}</td>" for x in r) + "</tr>" for r in p_rows]
+        parts.append("</table>")
     parts += [
         "<h2>Detection on planted organisms</h2>",
         "<p><img src='detection_by_organism.png' alt='detection by organism'></p>" if has_det

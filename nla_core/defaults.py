@@ -11,7 +11,7 @@ from .nla import NLA
 __all__ = ["default_checkpoint", "load_nla_for", "SHIPPED_DIR"]
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "checkpoints"
-_SHIPPED = {EMBEDDED_MODEL: "smollm2-135m-instruct-L20"}
+_SHIPPED = {EMBEDDED_MODEL: "smollm2-135m-instruct-L24"}
 
 
 def default_checkpoint(model: str | None = None) -> Path | None:

@@ -112,6 +112,6 @@ def test_list_shows_recall():
     from evals.cli.organisms import _recall
 
     m = Measured(n_prompts=4, behaviour_rate=1.0, base_rate=0.0, concept_recall=0.25, base_concept_recall=0.0625,
-                 recall_n=16, recall_nla="smollm2-135m-instruct-L20")
+                 recall_n=16, recall_nla="smollm2-135m-instruct-L24")
     assert _recall(m) == "25% / 6%  (n=16)"
     assert _recall(m.model_copy(update={"concept_recall": None})) == "-" and _recall(None) == "-"

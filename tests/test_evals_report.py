@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from evals.metrics import aggregate, wilson
+from evals.metrics import aggregate, paired_differences, wilson
 from evals.report import comparison_table, load_run, render_table_text, write_html
 from evals.store import AuditRow, ResultStore, ToolCallRow
 
@@ -66,6 +66,12 @@ def test_table_and_metrics(tmp_path):
     assert "detection: persona" in labels and "detection: secret" in labels
     text = render_table_text(data)
     assert "80% [" in text and "(4/5) +1 judge failed" in text
+    # paired on organism and seed, planted only, the judge failure's pair left out: nla detects
+    # alone on flattery s0, gold s0 and s2; both on flattery s1; neither on flattery s2
+    (d,) = [d for d in paired_differences(data.rows) if d.group == "all organisms"]
+    assert (d.a, d.b, d.n, d.a_only, d.b_only) == ("nla/offline", "behavioural/offline", 5, 3, 0)
+    assert d.diff == pytest.approx(0.6) and d.low < d.diff < d.high and d.p == pytest.approx(0.25)
+    assert "nla - behavioural" in text and "+0.60" in text
 
 
 def _chromium() -> str | None:

@@ -15,7 +15,7 @@ def test_shipped_checkpoint_loads_and_verbalizes():
     folder = default_checkpoint()
     assert folder is not None, "no NLA checkpoint is shipped under nla_core/checkpoints/"
     meta = read_meta(folder)
-    assert meta.trained and meta.layer == 20 and meta.d_model == 576
+    assert meta.trained and meta.layer == 24 and meta.d_model == 576
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size < 12e6, f"shipped checkpoint is {size / 1e6:.1f} MB"
     assert (folder / "training_report.json").exists() and (folder / "stats.safetensors").exists()
@@ -23,7 +23,7 @@ def test_shipped_checkpoint_loads_and_verbalizes():
     handle = load_model()  # a fresh handle: the session fixture stays adapter-free
     nla = NLA.load(folder, handle)
     assert nla.trained and nla.mean is not None
-    acts = read_activations(handle, ["The recipe needs two cups of flour and a pinch of salt."], 20, positions=[-2])
+    acts = read_activations(handle, ["The recipe needs two cups of flour and a pinch of salt."], nla.layer, positions=[-2])
     v = acts.stacked()
     out = nla.verbalize(v, max_new_tokens=64)
     assert out[0].has_tag, out[0].raw
@@ -42,3 +42,9 @@ def test_shipped_report_records_content_figures():
         assert isinstance(heldout[key], float), key
     assert 0.0 <= heldout["topic_recall"] <= 1.0 and 0.0 <= heldout["topic_recall_placebo"] <= 1.0
     assert heldout["n"] >= 256 and heldout["topic_probe"]["n_topics"] >= 100
+    # the shipped NLA names unseen topics well above its placebo, and ships its reference set
+    assert heldout["topic_recall"] >= 5 * max(heldout["topic_recall_placebo"], 0.004)
+    assert heldout["topic_retrieval"]["top10"] > 3 * heldout["topic_retrieval"]["placebo_top10"]
+    from nla_core.reference import load_reference_explanations
+
+    assert len(load_reference_explanations(default_checkpoint())) == 192
