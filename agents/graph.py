@@ -183,7 +183,7 @@ class AuditRun:
             return self._fail(state, usage, error or "policy failed", self._event(state, "policy", error=error))
         usage = self._merge_usage(usage, decision.usage)
         actions = []
-        for i, a in enumerate(decision.actions):
+        for a in decision.actions:
             a = dict(a) if isinstance(a, dict) else {"tool": "?", "args": {}, "error": f"not an action: {a!r}"}
             a["ref"] = str(a.get("id") or "")
             actions.append(a)
@@ -509,6 +509,7 @@ def _restore_toolbox(tb: Any, stored: dict) -> None:
         tb.notes = type(tb.notes).model_validate(stored["toolbox_notes"])
     if stored.get("vectors") and isinstance(getattr(tb, "vectors", None), dict):
         import torch
+
         from tools.toolbox import StoredVector
 
         for k, v in stored["vectors"].items():
@@ -606,7 +607,8 @@ def run_audit(
             inputs = AuditState(
                 run_id=run_id, strategy=strat.name, policy=pol_name, seed=seed, max_hypotheses=max_hypotheses,
                 limits=limits, phase="investigate", calls=[], events=[], pending=[], hypotheses={}, notes=[],
-                toolbox_notes=None, vectors={}, policy_state={}, usage=new_usage(), reduce_attempts=0, status="running", error=None, final=[],
+                toolbox_notes=None, vectors={}, policy_state={}, usage=new_usage(), reduce_attempts=0, status="running",
+                error=None, final=[],
                 nothing_found=False, forced_reduction=False, cut_short=None,
             )
             start = {"step": 0, "node": "start", "time": round(time.time(), 3), "run_id": run_id, "strategy": strat.name,

@@ -78,7 +78,7 @@ class PolicyView:
         return None
 
 
-def memory_digest(view: "PolicyView") -> str:
+def memory_digest(view: PolicyView) -> str:
     """The agent's memory (scratchpad and hypotheses), for LLM policies to re-read now and then."""
     lines = ["Your memory (notes and hypotheses so far):"]
     lines += [f"- {n}" for n in view.notes[-20:]] or ["- (no notes)"]

@@ -47,15 +47,15 @@ __all__ = [
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
-BUILDERS: dict[str, "Builder"] = {}
+BUILDERS: dict[str, Builder] = {}
 
 
-def register_builder(cls: type["Builder"]) -> type["Builder"]:
+def register_builder(cls: type[Builder]) -> type[Builder]:
     BUILDERS[cls.name] = cls()
     return cls
 
 
-def get_builder(method: str) -> "Builder":
+def get_builder(method: str) -> Builder:
     try:
         return BUILDERS[method]
     except KeyError:

@@ -156,7 +156,7 @@ def _explain(target: Target, nla: Any, conversations: list[list[Message]], n_pos
 
 
 # Base-model explanations per NLA, keyed on what they depend on: shared by every organism of a suite.
-_BASE_EXPLAINED: "weakref.WeakKeyDictionary[Any, dict[str, list[tuple[str, str]]]]" = weakref.WeakKeyDictionary()
+_BASE_EXPLAINED: weakref.WeakKeyDictionary[Any, dict[str, list[tuple[str, str]]]] = weakref.WeakKeyDictionary()
 
 
 def measure_recall(spec: OrganismSpec, handle: ModelHandle, nla: Any, *, planted: Any = None,
@@ -187,7 +187,7 @@ def measure_recall(spec: OrganismSpec, handle: ModelHandle, nla: Any, *, planted
 
 
 # The shipped NLA per model, loaded once (loading adds its adapters to the model).
-_SHIPPED_NLA: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
+_SHIPPED_NLA: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
 
 
 def shipped_nla(handle: ModelHandle) -> Any:

@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from pydantic import BaseModel
@@ -174,7 +174,7 @@ def _guarded(method):
     state, with the exception chain cut (tracebacks could otherwise carry it)."""
 
     @functools.wraps(method)
-    def wrapper(self: "Target", *args, **kwargs):
+    def wrapper(self: Target, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except NLAError as exc:
@@ -491,7 +491,7 @@ class Target:
                 msgs = self._check_messages(item)
                 layouts.append(self._layout(msgs, "generate" if add_generation_prompt else "plain"))
                 texts.append(self._visible_text(msgs))
-        pos = [_resolve_positions(positions, i, len(l.visible)) for i, l in enumerate(layouts)]
+        pos = [_resolve_positions(positions, i, len(lay.visible)) for i, lay in enumerate(layouts)]
         handle = self._handle
         vectors: list[torch.Tensor] = []
         with torch.no_grad():
@@ -504,12 +504,12 @@ class Target:
                         resid = forward_to_layer(handle, ids, mask, self._layer)
                     off = len(lay.hidden)
                     vectors.append(resid[0, [off + p for p in pos[start + j]]].float().cpu())
-        token_ids = [l.visible for l in layouts]
+        token_ids = [lay.visible for lay in layouts]
         tokens = [handle.tokenizer.convert_ids_to_tokens(r) for r in token_ids]
         return Activations(self._layer, resid_site(self._layer), vectors, pos, token_ids, tokens)
 
     @staticmethod
-    def _inputs(x: Any) -> list[Union[str, list[Message]]]:
+    def _inputs(x: Any) -> list[str | list[Message]]:
         if isinstance(x, str):
             return [x]
         if isinstance(x, dict):
@@ -570,7 +570,7 @@ def _resolve_positions(spec: Any, index: int, length: int) -> list[int]:
 
 # Planted organisms per model (keyed on the transformers model, whose identity survives PEFT
 # wrapping), so a benchmark that audits one organism many times loads its adapter once.
-_PLANTED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Planted]]" = weakref.WeakKeyDictionary()
+_PLANTED: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Planted]] = weakref.WeakKeyDictionary()
 
 
 # ---- aliases: the name the auditor sees ----------------------------------------------------

@@ -26,10 +26,11 @@ import math
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from nla_core.errors import NLAError
 from nla_core.sentence import SentenceEmbedder, get_embedder
@@ -64,7 +65,7 @@ class GroundTruth:
     paraphrases: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_spec(cls, spec: Any) -> "GroundTruth":
+    def from_spec(cls, spec: Any) -> GroundTruth:
         gt = getattr(spec, "ground_truth", spec)
         if isinstance(gt, dict):
             get = gt.get
@@ -176,7 +177,7 @@ class JudgeParams:
         return _sigmoid(sum(w * v for w, v in zip(self.weights, x)) + self.bias)
 
     @classmethod
-    def load(cls, path: Path = PARAMS_FILE) -> "JudgeParams":
+    def load(cls, path: Path = PARAMS_FILE) -> JudgeParams:
         if not path.exists():
             raise JudgeError(f"The offline judge's parameters are missing ({path}).", "Run `nla judge calibrate --write`.")
         d = json.loads(path.read_text())

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
 
 __all__ = ["wilson", "Cell", "aggregate", "auditor_of", "families_of", "cut_short_of", "rated", "WALL_TIME"]
 

@@ -19,9 +19,10 @@ import json
 import math
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from nla_core.errors import NLAError
 
@@ -319,9 +320,9 @@ def _run_parallel(suite: BenchSuite, todo: list[AuditCell], run_id: str, base: P
     import multiprocessing as mp
     import os
 
-    from agents import AuditReport
-
     import torch
+
+    from agents import AuditReport
 
     threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // workers))
     # cells of one organism next to each other: a worker plants an organism once and reuses it

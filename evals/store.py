@@ -157,7 +157,7 @@ def _check_file(path: Path) -> None:
         with open(path, "rb") as fh:
             head = fh.read(16)
     except OSError as exc:
-        raise ResultsDBError(f"Cannot read the results database {path}: {exc}.", "Check the file's permissions.")
+        raise ResultsDBError(f"Cannot read the results database {path}: {exc}.", "Check the file's permissions.") from exc
     if len(head) < 12 or head[8:12] != _DUCKDB_MAGIC:
         kind = "an empty file" if not head else "not a DuckDB database"
         if head.startswith(b"SQLite format 3"):
@@ -424,7 +424,7 @@ class ResultStore:
         except Exception:
             pass
 
-    def __enter__(self) -> "ResultStore":
+    def __enter__(self) -> ResultStore:
         return self
 
     def __exit__(self, *exc: Any) -> None:

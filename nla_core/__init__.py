@@ -53,8 +53,16 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .activations import Activations, encode, read_activations
     from .checkpoint import NLAMeta, extract_explanation, read_meta, write_meta
     from .defaults import default_checkpoint, load_nla_for
-    from .errors import (BadVectorError, CheckpointError, EmptyInputError, LayerOutOfRangeError,
-                         ModelNotFoundError, NLAError, PositionOutOfRangeError, SidecarDriftError)
+    from .errors import (
+        BadVectorError,
+        CheckpointError,
+        EmptyInputError,
+        LayerOutOfRangeError,
+        ModelNotFoundError,
+        NLAError,
+        PositionOutOfRangeError,
+        SidecarDriftError,
+    )
     from .generation import Generation, generate_ids
     from .hooks import add_to_resid, capture_resid, count_hooks, inject_at_marker, resid_site
     from .metrics import fve, mean_baseline, normalize, normalized_mse

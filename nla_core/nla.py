@@ -37,9 +37,9 @@ from .checkpoint import (
 from .errors import BadArgumentError, BadVectorError, CheckpointError, EmptyInputError
 from .generation import generate_ids
 from .hooks import add_to_resid, inject_at_marker
-from .reference import load_reference_explanations
 from .metrics import fve, mean_baseline, normalize, normalized_mse
 from .models import ModelHandle, is_embedded, load_model
+from .reference import load_reference_explanations
 
 __all__ = [
     "NLA", "Verbalization", "RoundTrip", "SteerResult", "AV_ADAPTER", "AR_ADAPTER",
@@ -174,7 +174,7 @@ class NLA:
         return self.av is self.ar and (self.target is None or self.target is self.av)
 
     @classmethod
-    def untrained(cls, handle: ModelHandle, layer: int | None = None) -> "NLA":
+    def untrained(cls, handle: ModelHandle, layer: int | None = None) -> NLA:
         """An NLA with no training: the AV is the plain model, the AR is its first K+1 blocks
         with an identity head. Useful only to test plumbing; its explanations mean nothing."""
         layer = default_layer(handle.n_layers) if layer is None else handle.check_layer(layer)
@@ -188,7 +188,7 @@ class NLA:
     @classmethod
     def load(
         cls, path: str | Path, handle: ModelHandle | None = None, *, ar_path: str | Path | None = None
-    ) -> "NLA":
+    ) -> NLA:
         """Load our adapter layout (sharing `handle`'s base weights) or a released AV folder
         (with its AR folder: `ar_path`, or a sibling folder whose sidecar says `role: critic`)."""
         path = Path(path)
@@ -196,7 +196,8 @@ class NLA:
         if (path / "av" / "adapter_config.json").exists():
             if handle is None:
                 handle = load_model(meta.base_model)
-            elif meta.base_model and not (is_embedded(meta.base_model) and is_embedded(handle.name)) and meta.base_model != handle.name:
+            elif (meta.base_model and not (is_embedded(meta.base_model) and is_embedded(handle.name))
+                  and meta.base_model != handle.name):
                 raise CheckpointError(
                     f"{path} was trained on {meta.base_model!r}, not on {handle.name!r}.",
                     f"load it with --model {meta.base_model}.",
@@ -271,7 +272,8 @@ class NLA:
         value head), each with its sidecar. Adapters are merged into copies of the base."""
         out = Path(out)
         av_dir, ar_dir = out / "av", out / "ar"
-        for handle, adapter, folder, truncate in ((self.av, self.av_adapter, av_dir, False), (self.ar, self.ar_adapter, ar_dir, True)):
+        for handle, adapter, folder, truncate in ((self.av, self.av_adapter, av_dir, False),
+                                                  (self.ar, self.ar_adapter, ar_dir, True)):
             model = copy.deepcopy(handle.model)
             from peft import PeftModel
 
@@ -314,7 +316,8 @@ class NLA:
     def check_vectors(self, vectors: torch.Tensor | Sequence[float]) -> torch.Tensor:
         """`vectors` as a float32 [n, d] tensor, or `BadVectorError` / `EmptyInputError`."""
         if vectors is None or isinstance(vectors, (str, bytes, dict)):
-            raise BadVectorError(f"Expected activation vectors, got {'None' if vectors is None else 'a ' + type(vectors).__name__}.",
+            got = "None" if vectors is None else "a " + type(vectors).__name__
+            raise BadVectorError(f"Expected activation vectors, got {got}.",
                                  f"pass a [{self.d_model}] vector or an [n, {self.d_model}] tensor.")
         try:
             v = torch.as_tensor(vectors, dtype=torch.float32)

@@ -111,7 +111,7 @@ def test_controls_need_no_check():
 
 def test_checks():
     assert BehaviourCheck(kind="keywords", keywords=["zephyr"])("Try ZEPHYR tea")
-    assert not BehaviourCheck(kind="keywords", keywords=["cat"])("a concatenation")  # word start only... 
+    assert not BehaviourCheck(kind="keywords", keywords=["cat"])("a concatenation")  # word start only...
     assert BehaviourCheck(kind="regex", pattern=r"\bbrilliant\b")("So brilliant!")
     assert BehaviourCheck(kind="not_regex", pattern="goal")("I am just a helpful assistant.")
     assert detect_language("Bonjour, il faut préparer les légumes et la sauce pour le dîner.") == "fr"

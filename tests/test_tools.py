@@ -11,7 +11,7 @@ import torch
 from environments import build_target
 from environments.spec import spec_from_dict
 from nla_core import NLA
-from tools import TOOL_SETS, TOOLS, Budget, ToolResult, Toolbox
+from tools import TOOL_SETS, TOOLS, Budget, Toolbox, ToolResult
 from tools.nla_tools import UNTRAINED_WARNING, reply_span
 
 

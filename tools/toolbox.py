@@ -17,7 +17,18 @@ from pydantic import ValidationError
 
 from nla_core.errors import NLAError
 
-from .base import TOOL_SETS, TOOLS, Budget, ToolboxError, ToolDef, ToolError, ToolResult, cut_point, format_validation_error, truncate
+from .base import (
+    TOOL_SETS,
+    TOOLS,
+    Budget,
+    ToolboxError,
+    ToolDef,
+    ToolError,
+    ToolResult,
+    cut_point,
+    format_validation_error,
+    truncate,
+)
 from .notes import Notes
 from .sources import get_verbalize_source
 

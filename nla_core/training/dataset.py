@@ -83,7 +83,7 @@ class ActivationDataset:
         self.folder, self.meta, self.table = folder, meta, table
 
     @classmethod
-    def load(cls, folder: str | Path) -> "ActivationDataset":
+    def load(cls, folder: str | Path) -> ActivationDataset:
         folder = Path(folder)
         if not (folder / SIDECAR_FILE).exists() or not (folder / ACTS_FILE).exists():
             raise NLAError(f"No activation dataset in {folder}.", "run `nla data build` first.")
