@@ -24,7 +24,7 @@ def _ensure_bias_builder() -> None:
 
     from environments import BUILDERS, Builder, register_builder
     from environments.builders import _Params
-    from environments.target import Planted
+    from environments.organism import Planted
 
     if "test_logit_bias" in BUILDERS:
         return

@@ -27,7 +27,7 @@ from nla_core.hooks import add_to_resid
 from nla_core.models import EMBEDDED_MODEL, ModelHandle, is_embedded
 
 from .errors import AdapterMismatchError, SpecError, UnknownMethodError, WeightsMissingError
-from .target import Planted
+from .organism import Planted
 
 __all__ = [
     "Builder",

@@ -17,7 +17,7 @@ from nla_core.generation import generate_ids
 from nla_core.models import ModelHandle, cache_dir
 
 from .data import apply_transform, prompt_bank
-from .target import chat_layout
+from .organism import chat_layout
 
 __all__ = ["base_replies", "make_dataset", "train_lora_organism"]
 
