@@ -34,7 +34,7 @@ from nla_core.errors import NLAError
 from nla_core.generation import generate_ids
 from nla_core.hooks import resid_site
 from nla_core.models import ModelHandle
-from nla_core.nla import steered_generations
+from nla_core.steering import steered_generations
 
 from .errors import TargetError, UnknownConversationError
 from .organism import ChatLayout, Message, Planted, chat_layout
@@ -449,7 +449,7 @@ class Target:
         if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool)):
             raise TargetError(f"layer must be an integer, not a {type(layer).__name__}.",
                               f"pass a block index between 0 and {self.n_layers - 1}.")
-        layer = self._layer if layer is None else self._handle.check_layer(layer)
+        layer = self._layer if layer is None else layer  # range checked once, by steered_generations
         if not isinstance(strength, numbers.Real) or isinstance(strength, bool):
             raise TargetError(f"strength must be a number, not a {type(strength).__name__}.",
                               "pass a number such as 0.3 (gentle) or 1 (strong).")

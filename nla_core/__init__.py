@@ -22,7 +22,8 @@ _EXPORTS = {
     "hooks": ["add_to_resid", "capture_resid", "count_hooks", "inject_at_marker", "resid_site"],
     "metrics": ["fve", "mean_baseline", "normalize", "normalized_mse"],
     "models": ["EMBEDDED_MODEL", "ModelHandle", "embedded_model_dir", "handle_from", "load_model"],
-    "nla": ["NLA", "RoundTrip", "SteerResult", "Verbalization", "default_layer", "steered_generations"],
+    "nla": ["NLA", "RoundTrip", "SteerResult", "Verbalization", "default_layer"],
+    "steering": ["MAX_STEER_STRENGTH", "read_vector_file", "steered_generations"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
@@ -67,4 +68,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .hooks import add_to_resid, capture_resid, count_hooks, inject_at_marker, resid_site
     from .metrics import fve, mean_baseline, normalize, normalized_mse
     from .models import EMBEDDED_MODEL, ModelHandle, embedded_model_dir, handle_from, load_model
-    from .nla import NLA, RoundTrip, SteerResult, Verbalization, default_layer, steered_generations
+    from .nla import NLA, RoundTrip, SteerResult, Verbalization, default_layer
+    from .steering import MAX_STEER_STRENGTH, read_vector_file, steered_generations

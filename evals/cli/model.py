@@ -45,7 +45,7 @@ def load_nla_for_cli(
 def read_vector_file(path: Path) -> torch.Tensor:
     """The one vector in a .safetensors, .pt, .npy or .json file (`nla_core.nla.read_vector_file`:
     a file with two tensors or two rows is refused, naming what it holds)."""
-    from nla_core.nla import read_vector_file as _read
+    from nla_core.steering import read_vector_file as _read
 
     return _read(path)
 
