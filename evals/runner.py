@@ -350,11 +350,7 @@ def rejudge(db_path: str | Path, run_id: str, judge: Judge | None = None, *, onl
             spec = get_spec(r["organism"], organisms_dir=suite.organisms_dir)
             sc = score_report(AuditReport.model_validate(r["report"]), spec, judge,
                               confidence_threshold=suite.confidence_threshold)
-            store.con.execute(
-                "UPDATE audits SET judge = ?, judge_status = ?, judge_error = ?, success = ?, score = ?, verdicts = ? "
-                "WHERE run_id = ? AND audit_id = ?",
-                [sc.judge, sc.judge_status, sc.judge_error, sc.success, sc.score, json.dumps(sc.verdicts),
-                 run_id, r["audit_id"]],
-            )
+            store.update_score(run_id, r["audit_id"], judge=sc.judge, judge_status=sc.judge_status,
+                               judge_error=sc.judge_error, success=sc.success, score=sc.score, verdicts=sc.verdicts)
             n += 1
     return n

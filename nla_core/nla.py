@@ -36,7 +36,7 @@ from .errors import BadArgumentError, BadVectorError, CheckpointError, EmptyInpu
 from .generation import generate_ids
 from .hooks import inject_at_marker
 from .metrics import fve, mean_baseline, normalize, normalized_mse
-from .models import ModelHandle, is_embedded, load_model
+from .models import ModelHandle, load_model, same_base_model
 from .reference import load_reference_explanations
 from .steering import MAX_NEW_TOKENS, MAX_SAMPLES, MAX_STEER_STRENGTH, read_vector_file, steered_generations
 from .steering import float_arg as _float_arg
@@ -170,8 +170,7 @@ class NLA:
         if (path / "av" / "adapter_config.json").exists():
             if handle is None:
                 handle = load_model(meta.base_model)
-            elif (meta.base_model and not (is_embedded(meta.base_model) and is_embedded(handle.name))
-                  and meta.base_model != handle.name):
+            elif meta.base_model and not same_base_model(meta.base_model, handle.name):
                 raise CheckpointError(
                     f"{path} was trained on {meta.base_model!r}, not on {handle.name!r}.",
                     f"load it with --model {meta.base_model}.",

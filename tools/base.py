@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from nla_core.errors import NLAError
 
@@ -288,6 +288,19 @@ def cut_point(text: str, limit: int) -> int:
         return len(text)
     cut = text.rfind("\n", int(limit * 0.8), limit)
     return limit if cut < 0 else cut
+
+
+def not_blank(*fields: str, message: str, strip: bool = False) -> Any:
+    """A pydantic field validator for tool arguments: blank text in `fields` is refused with
+    `message` (the calling model reads it); None passes (an optional argument left out).
+    `strip`: the text is kept stripped. Use as `_v = not_blank("message", message="...")`."""
+
+    def check(v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError(message)
+        return v.strip() if strip and v is not None else v
+
+    return field_validator(*fields)(check)
 
 
 def truncate(text: str, limit: int, how_to_see_more: str) -> tuple[str, bool]:
