@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from nla_core.activations import forward_to_layer, pad_batch
 from nla_core.hooks import add_to_resid
 from nla_core.models import ModelHandle, is_embedded, same_base_model
+from nla_core.registry import Registry
 
 from .errors import AdapterMismatchError, SpecError, UnknownMethodError, WeightsMissingError
 from .organism import Planted
@@ -47,11 +48,12 @@ __all__ = [
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
-BUILDERS: dict[str, Builder] = {}
+BUILDERS: Registry[Builder] = Registry("builder")
 
 
 def register_builder(cls: type[Builder]) -> type[Builder]:
-    BUILDERS[cls.name] = cls()
+    """Class decorator: register an instance of `cls` under `cls.name` (a taken name is refused)."""
+    BUILDERS.register(cls.name, cls())
     return cls
 
 
