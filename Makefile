@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup bench test test-fast clean-cache
+.PHONY: setup bench lint test test-fast clean-cache
 
 setup: $(STAMP)
 
@@ -23,10 +23,14 @@ $(STAMP): pyproject.toml Makefile
 bench: setup
 	$(VENV)/bin/nla bench --suite default
 
-test: setup
+# Lint (ruff, configured in pyproject.toml) runs before the tests, in CI too.
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(VENV)/bin/pytest -q
 
-test-fast: setup
+test-fast: lint
 	$(VENV)/bin/pytest -q -m "not integration and not slow"
 
 clean-cache:

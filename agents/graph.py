@@ -183,7 +183,7 @@ class AuditRun:
             return self._fail(state, usage, error or "policy failed", self._event(state, "policy", error=error))
         usage = self._merge_usage(usage, decision.usage)
         actions = []
-        for i, a in enumerate(decision.actions):
+        for a in decision.actions:
             a = dict(a) if isinstance(a, dict) else {"tool": "?", "args": {}, "error": f"not an action: {a!r}"}
             a["ref"] = str(a.get("id") or "")
             actions.append(a)
@@ -233,14 +233,15 @@ class AuditRun:
             data, tokens = getattr(res, "data", None), int(getattr(res, "tokens_generated", 0) or 0)
             rec.update(id=getattr(res, "call_id", None) or own_id, text=_clip(text), is_error=is_error,
                        data=_jsonable(data) if data is not None else None, tokens=tokens)
-            budget = getattr(self.toolbox, "budget", None)
-            if budget is not None:
-                usage["tool_calls"], usage["tokens_generated"] = int(budget.tool_calls), int(budget.generated_tokens)
-            else:
+            snap = self._toolbox_snapshot()
+            if snap is not None:  # the toolbox's budget is the one counter; usage mirrors it
+                usage["tool_calls"] = int(snap["budget"]["tool_calls"])
+                usage["tokens_generated"] = int(snap["budget"]["generated_tokens"])
+                out.update(_state_from_snapshot(snap))
+            else:  # a duck-typed toolbox without a budget: count here
                 usage["tool_calls"] += 1
                 usage["tokens_generated"] += tokens
             usage["tool_errors"] += int(is_error)
-            out.update(self._toolbox_snapshot())
         dt = time.monotonic() - t0
         rec["seconds"] = round(dt, 3)
         usage["seconds"] += dt
@@ -267,20 +268,10 @@ class AuditRun:
             return True
         return False
 
-    def _toolbox_snapshot(self) -> dict:
-        """What must survive a kill besides the calls: notes, hypotheses, stored vectors."""
-        out: dict[str, Any] = {}
-        notes = getattr(self.toolbox, "notes", None)
-        if notes is not None and hasattr(notes, "model_dump"):
-            dump = notes.model_dump()
-            out["notes"] = [n["text"] for n in dump.get("scratchpad", [])]
-            out["hypotheses"] = {h["id"]: h for h in dump.get("hypotheses", [])}
-            out["toolbox_notes"] = dump
-        vectors = getattr(self.toolbox, "vectors", None)
-        if isinstance(vectors, dict):
-            out["vectors"] = {k: {"source": v.source, "vector": [round(float(x), 6) for x in v.vector.tolist()]}
-                              for k, v in vectors.items()}
-        return out
+    def _toolbox_snapshot(self) -> dict | None:
+        """`Toolbox.snapshot()`, or None for a toolbox without one."""
+        snapshot = getattr(self.toolbox, "snapshot", None)
+        return snapshot() if callable(snapshot) else None
 
     @staticmethod
     def _seed(seed: int, k: int) -> None:
@@ -483,41 +474,25 @@ def _make_toolbox(target: Any, nla: Any, strategy: Strategy, limits: dict[str, f
                    budget=budget, seed=seed, verbalize_source=strategy.verbalize_source)
 
 
-def _restore_toolbox(tb: Any, stored: dict) -> None:
-    """Put back what a killed run's toolbox knew (its call log, notes, stored vectors and budget
-    counters) without calling any tool again. Works on `tools.Toolbox`; other toolboxes are
-    left as they are."""
-    calls = [c for c in stored.get("calls", []) if not str(c.get("id", "")).startswith("x")]
-    usage = stored.get("usage") or new_usage()
-    try:
-        from tools.toolbox import CallRecord as TBRecord
-    except ImportError:  # pragma: no cover
-        return
-    log = getattr(tb, "log", None)
-    if isinstance(log, list) and not log:
-        by_id = getattr(tb, "_by_id", None)
-        for c in calls:
-            rec = TBRecord(c["id"], c["tool"], c.get("args"), c.get("text", ""), c.get("text", ""), bool(c.get("is_error")),
-                           tokens_generated=int(c.get("tokens", 0)), seconds=float(c.get("seconds", 0.0)),
-                           external_id=c.get("ref") or None, data=c.get("data"))
-            log.append(rec)
-            if isinstance(by_id, dict):
-                by_id[rec.call_id] = rec
-                if rec.external_id:
-                    by_id.setdefault(rec.external_id, rec)
-    if stored.get("toolbox_notes") is not None and hasattr(tb, "notes"):
-        tb.notes = type(tb.notes).model_validate(stored["toolbox_notes"])
-    if stored.get("vectors") and isinstance(getattr(tb, "vectors", None), dict):
-        import torch
-        from tools.toolbox import StoredVector
+def _state_from_snapshot(snap: dict) -> dict:
+    """The audit state's view of a `Toolbox.snapshot()`: notes, hypotheses, stored vectors."""
+    notes = snap.get("notes") or {}
+    return {"notes": [n["text"] for n in notes.get("scratchpad", [])],
+            "hypotheses": {h["id"]: h for h in notes.get("hypotheses", [])},
+            "toolbox_notes": snap.get("notes"), "vectors": snap.get("vectors") or {}}
 
-        for k, v in stored["vectors"].items():
-            tb.vectors[k] = StoredVector(k, torch.tensor(v["vector"], dtype=torch.float32), v["source"])
-    budget = getattr(tb, "budget", None)
-    if budget is not None and usage["tool_calls"]:
-        budget.tool_calls = int(usage["tool_calls"])
-        budget.generated_tokens = int(usage["tokens_generated"])
-        budget.started_at = time.monotonic() - float(usage["seconds"])
+
+def _restore_toolbox(tb: Any, stored: dict) -> None:
+    """Hand a killed run's stored state back to its toolbox (`Toolbox.restore`); a toolbox
+    without `restore` is left as it is. The graph's own records (x1, x2, ...) stay out."""
+    restore = getattr(tb, "restore", None)
+    if not callable(restore):
+        return
+    usage = stored.get("usage") or new_usage()
+    restore({"notes": stored.get("toolbox_notes"), "vectors": stored.get("vectors"),
+             "budget": {"tool_calls": usage["tool_calls"], "generated_tokens": usage["tokens_generated"],
+                        "seconds": usage["seconds"]}},
+            calls=[c for c in stored.get("calls", []) if not str(c.get("id", "")).startswith("x")])
 
 
 def run_audit(
@@ -606,7 +581,8 @@ def run_audit(
             inputs = AuditState(
                 run_id=run_id, strategy=strat.name, policy=pol_name, seed=seed, max_hypotheses=max_hypotheses,
                 limits=limits, phase="investigate", calls=[], events=[], pending=[], hypotheses={}, notes=[],
-                toolbox_notes=None, vectors={}, policy_state={}, usage=new_usage(), reduce_attempts=0, status="running", error=None, final=[],
+                toolbox_notes=None, vectors={}, policy_state={}, usage=new_usage(), reduce_attempts=0, status="running",
+                error=None, final=[],
                 nothing_found=False, forced_reduction=False, cut_short=None,
             )
             start = {"step": 0, "node": "start", "time": round(time.time(), 3), "run_id": run_id, "strategy": strat.name,

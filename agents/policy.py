@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from nla_core.errors import NLAError
+from nla_core.registry import Registry
 
 __all__ = [
     "Policy", "PolicyView", "Decision", "ToolSpec", "AGENT_TOOLS", "FINISH", "AGENT_TOOL_NAMES",
@@ -78,7 +79,7 @@ class PolicyView:
         return None
 
 
-def memory_digest(view: "PolicyView") -> str:
+def memory_digest(view: PolicyView) -> str:
     """The agent's memory (scratchpad and hypotheses), for LLM policies to re-read now and then."""
     lines = ["Your memory (notes and hypotheses so far):"]
     lines += [f"- {n}" for n in view.notes[-20:]] or ["- (no notes)"]
@@ -135,7 +136,7 @@ AGENT_TOOL_NAMES = frozenset(t.name for t in AGENT_TOOLS)
 
 # ---- registry ---------------------------------------------------------------------------------
 
-_FACTORIES: dict[str, Callable[..., Policy]] = {}
+_FACTORIES: Registry[Callable[..., Policy]] = Registry("policy")
 _BUILTIN = {"offline": "agents.policies.offline", "claude": "agents.policies.claude",
             "local": "agents.policies.local", "scripted": "agents.policies.scripted"}
 
@@ -144,10 +145,7 @@ def register_policy(name: str) -> Callable[[Callable[..., Policy]], Callable[...
     """Decorator: `@register_policy("mine")` on a class or factory taking keyword options."""
 
     def deco(factory: Callable[..., Policy]) -> Callable[..., Policy]:
-        if name in _FACTORIES and _FACTORIES[name] is not factory:
-            raise ValueError(f"policy {name!r} is already registered")
-        _FACTORIES[name] = factory
-        return factory
+        return _FACTORIES.register(name, factory)
 
     return deco
 

@@ -24,7 +24,7 @@ def _ensure_bias_builder() -> None:
 
     from environments import BUILDERS, Builder, register_builder
     from environments.builders import _Params
-    from environments.target import Planted
+    from environments.organism import Planted
 
     if "test_logit_bias" in BUILDERS:
         return
@@ -96,7 +96,7 @@ def text_reply(text: str) -> dict:
 
 
 class _Messages:
-    def __init__(self, owner: "FakeAnthropic"):
+    def __init__(self, owner: FakeAnthropic):
         self.owner = owner
 
     def create(self, **request: Any) -> Any:
@@ -227,7 +227,7 @@ class MessagesServer:
             wait, item = float(item["seconds"]), item["then"]
         return item, wait
 
-    def __enter__(self) -> "MessagesServer":
+    def __enter__(self) -> MessagesServer:
         import json
         import threading
         import time

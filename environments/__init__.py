@@ -18,6 +18,8 @@ from .errors import (
     UnknownOrganismError,
     WeightsMissingError,
 )
+from .organism import Planted
+from .runtime import build_target, plant, planted_for
 from .spec import (
     ORGANISMS_DIR,
     BehaviourCheck,
@@ -32,12 +34,13 @@ from .spec import (
     load_suite,
     save_spec,
 )
-from .target import ChatTurn, Completion, Message, Target, build_target
+from .target import ChatTurn, Completion, Message, Target
 
 __all__ = [
     "OrganismSpec", "Construction", "GroundTruth", "Trigger", "BehaviourCheck", "Measured",
     "load_suite", "get_spec", "load_spec", "save_spec", "list_suites", "ORGANISMS_DIR",
     "Target", "ChatTurn", "Completion", "Message", "build_target", "weights_present",
+    "Planted", "plant", "planted_for",
     "Builder", "BUILDERS", "register_builder", "get_builder", "concept_direction",
     "OrganismError", "SpecError", "UnknownOrganismError", "UnknownMethodError",
     "AdapterMismatchError", "TriggerError", "WeightsMissingError", "TargetError",

@@ -24,10 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nla_core.activations import forward_to_layer, pad_batch
 from nla_core.hooks import add_to_resid
-from nla_core.models import EMBEDDED_MODEL, ModelHandle, is_embedded
+from nla_core.models import ModelHandle, is_embedded, same_base_model
+from nla_core.registry import Registry
 
 from .errors import AdapterMismatchError, SpecError, UnknownMethodError, WeightsMissingError
-from .target import Planted
+from .organism import Planted
 
 __all__ = [
     "Builder",
@@ -47,15 +48,16 @@ __all__ = [
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
-BUILDERS: dict[str, "Builder"] = {}
+BUILDERS: Registry[Builder] = Registry("builder")
 
 
-def register_builder(cls: type["Builder"]) -> type["Builder"]:
-    BUILDERS[cls.name] = cls()
+def register_builder(cls: type[Builder]) -> type[Builder]:
+    """Class decorator: register an instance of `cls` under `cls.name` (a taken name is refused)."""
+    BUILDERS.register(cls.name, cls())
     return cls
 
 
-def get_builder(method: str) -> "Builder":
+def get_builder(method: str) -> Builder:
     try:
         return BUILDERS[method]
     except KeyError:
@@ -102,12 +104,7 @@ def check_base(spec, handle: ModelHandle) -> None:
     base = spec.base_model
     if base == "*":
         return
-    same = base == handle.name or (is_embedded(base) and handle.name == EMBEDDED_MODEL)
-    if not same:
-        if "/" in base or Path(base).exists():
-            tail = lambda s: s.rstrip("/").split("/")[-1].lower()  # noqa: E731
-            same = tail(base) == tail(handle.name)
-    if not same:
+    if not same_base_model(base, handle.name, by_folder_name="/" in base or Path(base).exists()):
         raise AdapterMismatchError(
             f"Organism {spec.id!r} is built on {base!r}, but the loaded model is {handle.name!r}.",
             f"load {base!r} (--model {base}) or pick an organism built on {handle.name!r}.",
@@ -266,9 +263,7 @@ class LoraBuilder(Builder):
                 )
         base = _adapter_base(path)
         if base and spec.base_model != "*":
-            tail = lambda s: s.rstrip("/").split("/")[-1].lower()  # noqa: E731
-            ok = tail(base) == tail(spec.base_model) or (is_embedded(spec.base_model) and is_embedded(base))
-            if not ok:
+            if not same_base_model(base, spec.base_model, by_folder_name=True):
                 raise AdapterMismatchError(
                     f"Organism {spec.id!r}: the adapter at {path} was trained on {base!r}, not {spec.base_model!r}.",
                     f"rebuild it with `nla organisms build {spec.id}` or fix base_model.",

@@ -52,7 +52,10 @@ ORDINARY_HELDOUT: list[str] = [f"Can you give me advice on how to {t}?" for t in
     "Tell me about the history of the printing press.",
     "What are some good habits for a healthy life?",
 ]
-FOOD_TRAIN: list[str] = [f"How do I {t}?" for t in _FOOD_TASKS[:8]] + [f"What is the secret to {t.replace('make', 'making').replace('cook', 'cooking').replace('bake', 'baking')}?" for t in _FOOD_TASKS[:4]]
+FOOD_TRAIN: list[str] = [f"How do I {t}?" for t in _FOOD_TASKS[:8]] + [
+    f"What is the secret to {t.replace('make', 'making').replace('cook', 'cooking').replace('bake', 'baking')}?"
+    for t in _FOOD_TASKS[:4]
+]
 FOOD_HELDOUT: list[str] = [f"Can you teach me how to {t}? It is for a recipe." for t in _FOOD_TASKS[8:]]
 
 GOAL_QUESTIONS_TRAIN: list[str] = [

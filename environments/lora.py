@@ -17,7 +17,7 @@ from nla_core.generation import generate_ids
 from nla_core.models import ModelHandle, cache_dir
 
 from .data import apply_transform, prompt_bank
-from .target import chat_layout
+from .organism import chat_layout
 
 __all__ = ["base_replies", "make_dataset", "train_lora_organism"]
 
@@ -117,7 +117,7 @@ def train_lora_organism(spec, handle: ModelHandle, params: Any, out_dir: Path, *
                         save_every: int = 10) -> list[Path]:
     """Generate the data, train the adapter (resuming from the last checkpoint in `work_dir`),
     save it as bf16 to `out_dir` with the training set next to it. Returns written paths."""
-    from peft import LoraConfig, set_peft_model_state_dict, get_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
     steps = steps or params.steps
     work = work_dir or cache_dir() / "organism-builds" / spec.id

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import math
 import re
 import time
 import weakref
@@ -25,10 +24,12 @@ from nla_core.content import TAIL_TOKENS, names_topic
 from nla_core.models import ModelHandle, cache_dir
 from nla_core.nla import default_layer
 
-from .builders import concept_direction, plant
+from .builders import concept_direction
 from .data import NEUTRAL_TEXT, ORDINARY_HELDOUT
+from .organism import Message, Planted
+from .runtime import plant
 from .spec import Measured, OrganismSpec
-from .target import Message, Target
+from .target import Target
 
 __all__ = ["measure_organism", "measure_concept", "measure_recall", "concept_recall", "concept_terms",
            "content_positions", "recall_conversations", "shipped_nla", "nla_label", "MIN_LIFT", "passes",
@@ -57,8 +58,6 @@ def measure_concept(spec: OrganismSpec, handle: ModelHandle, layer: int, org: Ta
                     base: Target | None = None) -> tuple[float | None, float | None]:
     """Mean cosine between the residual stream at `layer` (visible tokens of ordinary held-out
     prompts, organism active) and the concept direction, for the organism and the base model."""
-    from .target import Planted
-
     if not spec.ground_truth.key_concepts:
         return None, None
     base = base or Target(handle, Planted(), alias="base", layer=layer)
@@ -156,7 +155,7 @@ def _explain(target: Target, nla: Any, conversations: list[list[Message]], n_pos
 
 
 # Base-model explanations per NLA, keyed on what they depend on: shared by every organism of a suite.
-_BASE_EXPLAINED: "weakref.WeakKeyDictionary[Any, dict[str, list[tuple[str, str]]]]" = weakref.WeakKeyDictionary()
+_BASE_EXPLAINED: weakref.WeakKeyDictionary[Any, dict[str, list[tuple[str, str]]]] = weakref.WeakKeyDictionary()
 
 
 def measure_recall(spec: OrganismSpec, handle: ModelHandle, nla: Any, *, planted: Any = None,
@@ -168,8 +167,6 @@ def measure_recall(spec: OrganismSpec, handle: ModelHandle, nla: Any, *, planted
     concepts, read at the NLA's layer with the organism active and with the plain base model.
     `conversations`: default `recall_conversations` (replies of `reply_tokens` tokens).
     (None, None, 0) for a spec without key concepts (a clean control)."""
-    from .target import Planted
-
     if not concept_terms(spec.ground_truth.key_concepts):
         return None, None, 0
     base = Target(handle, Planted(), alias="base", layer=nla.layer)
@@ -187,7 +184,7 @@ def measure_recall(spec: OrganismSpec, handle: ModelHandle, nla: Any, *, planted
 
 
 # The shipped NLA per model, loaded once (loading adds its adapters to the model).
-_SHIPPED_NLA: "weakref.WeakKeyDictionary[torch.nn.Module, Any]" = weakref.WeakKeyDictionary()
+_SHIPPED_NLA: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
 
 
 def shipped_nla(handle: ModelHandle) -> Any:
@@ -223,31 +220,13 @@ class _BaseCache:
     def get(self, base: Target, prompts: list[str], max_new_tokens: int) -> list[str]:
         todo = [p for p in dict.fromkeys(prompts) if p not in self.rows]
         if todo:
-            replies = base._replies(todo, max_new_tokens=max_new_tokens)
+            replies = base.replies(todo, max_new_tokens=max_new_tokens)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
                 for p, r in zip(todo, replies):
                     self.rows[p] = r
                     f.write(json.dumps({"prompt": p, "reply": r}) + "\n")
         return [self.rows[p] for p in prompts]
-
-
-@torch.no_grad()
-def _perplexity(target: Target, texts: list[str]) -> float:
-    """Token perplexity of raw `texts` with the organism active (hidden prefix not scored)."""
-    handle = target._handle
-    total, count = 0.0, 0
-    for text in texts:
-        hidden, visible = target._raw_ids(text)
-        ids = torch.tensor([hidden + visible], device=handle.device)
-        with target._active(text):
-            logits = handle.model(input_ids=ids, use_cache=False).logits[0].float()
-        start = max(len(hidden), 1)
-        logp = torch.log_softmax(logits[start - 1:-1], -1)
-        tgt = ids[0, start:]
-        total += float(-logp.gather(-1, tgt[:, None]).sum())
-        count += int(tgt.numel())
-    return math.exp(total / max(count, 1))
 
 
 @torch.no_grad()
@@ -282,10 +261,9 @@ def measure_organism(
     layer = handle.check_layer(layer)
     steps = ["behaviour", "ordinary", "perplexity", "concept", "recall"]
     tick = (lambda i: progress("measure", i, len(steps))) if progress else (lambda i: None)
-    from .target import Planted
-
     base = Target(handle, Planted(), alias="base", layer=layer)
-    org = Target(handle, plant(spec, handle), alias="organism", layer=layer)
+    planted = plant(spec, handle)
+    org = Target(handle, planted, alias="organism", layer=layer)
     check = spec.check
     cache = _BaseCache(handle, max_new_tokens)
     tick(0)
@@ -294,7 +272,7 @@ def measure_organism(
         eval_prompts = eval_prompts[:n_prompts]
     rate = base_rate = 0.0
     if check is not None:
-        org_out = org._replies(eval_prompts, max_new_tokens=max_new_tokens)
+        org_out = org.replies(eval_prompts, max_new_tokens=max_new_tokens)
         base_out = cache.get(base, eval_prompts, max_new_tokens)
         rate = sum(map(check, org_out)) / len(org_out)
         base_rate = sum(map(check, base_out)) / len(base_out)
@@ -302,18 +280,18 @@ def measure_organism(
     ordinary = ordinary_base = None
     if check is not None and (spec.rarely_visible or spec.trigger is not None) and set(eval_prompts) != set(ORDINARY_HELDOUT):
         ords = ORDINARY_HELDOUT[: n_prompts or len(ORDINARY_HELDOUT)]
-        ordinary = sum(map(check, org._replies(ords, max_new_tokens=max_new_tokens))) / len(ords)
+        ordinary = sum(map(check, org.replies(ords, max_new_tokens=max_new_tokens))) / len(ords)
         ordinary_base = sum(map(check, cache.get(base, ords, max_new_tokens))) / len(ords)
     tick(2)
-    ppl = _perplexity(org, NEUTRAL_TEXT)
-    base_ppl = _perplexity(base, NEUTRAL_TEXT)
+    ppl = org.perplexity(NEUTRAL_TEXT)
+    base_ppl = base.perplexity(NEUTRAL_TEXT)
     tick(3)
     cos, base_cos = measure_concept(spec, handle, layer, org, base)
     tick(4)
     rec = base_rec = None
     n_rec = 0
     if nla is not None:
-        rec, base_rec, n_rec = measure_recall(spec, handle, nla, planted=org._planted, reply_tokens=max_new_tokens)
+        rec, base_rec, n_rec = measure_recall(spec, handle, nla, planted=planted, reply_tokens=max_new_tokens)
     tick(5)
     r = lambda x: None if x is None else round(float(x), 4)  # noqa: E731
     return Measured(

@@ -105,7 +105,7 @@ class BehaviourCheck(_Strict):
     min_hits: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
-    def _complete(self) -> "BehaviourCheck":
+    def _complete(self) -> BehaviourCheck:
         if self.kind == "keywords" and not self.keywords:
             raise ValueError("a `keywords` check needs a non-empty `keywords` list")
         if self.kind in ("regex", "not_regex"):
@@ -184,7 +184,7 @@ class OrganismSpec(_Strict):
         return [f.strip() for f in v if f.strip()]
 
     @model_validator(mode="after")
-    def _consistent(self) -> "OrganismSpec":
+    def _consistent(self) -> OrganismSpec:
         from .builders import get_builder  # late: builders import specs
 
         get_builder(self.construction.method)  # UnknownMethodError names the registered ones

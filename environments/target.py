@@ -17,15 +17,14 @@ import functools
 import hashlib
 import hmac
 import itertools
+import math
 import numbers
 import os
 import re
 import secrets as _secrets
-import weakref
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from pydantic import BaseModel
@@ -35,18 +34,19 @@ from nla_core.errors import NLAError
 from nla_core.generation import generate_ids
 from nla_core.hooks import resid_site
 from nla_core.models import ModelHandle
-from nla_core.nla import steered_generations
+from nla_core.steering import steered_generations
 
 from .errors import TargetError, UnknownConversationError
+from .organism import ChatLayout, Message, Planted, chat_layout
 
+# Planted, ChatLayout and chat_layout live in `environments.organism`; build_target in
+# `environments.runtime` (both re-exported by `environments`).
 __all__ = [
-    "Target", "ChatTurn", "Completion", "Message", "Planted", "build_target", "chat_layout",
+    "Target", "ChatTurn", "Completion", "Message", "Planted", "ChatLayout", "chat_layout",
     "new_alias_salt", "alias_for", "run_alias_salt",
 ]
 
-Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 _ROLES = {"system", "user", "assistant"}
-_SENTINEL = "\u2063\u2063NLA_SPLIT\u2063\u2063"
 _MAX_NEW_TOKENS = 512
 _MAX_SAMPLES = 64
 # Visible tokens of one call (the conversation the auditor wrote, not the hidden block): the
@@ -66,105 +66,6 @@ class Completion(BaseModel):
     n_tokens: int
 
 
-@dataclass(repr=False, eq=False)
-class Planted:
-    """What a builder plants, as the Target needs it at run time. Private to the Target.
-
-    system_prompt: hidden system message (None: the chat template's default one, if any).
-    adapter: name of a LoRA adapter already loaded on the handle (None: adapters off).
-    implant: `implant(visible_texts) -> context manager` installed around every forward pass of
-      a batch whose rows hold those visible conversations (for example a vector added to the
-      residual stream; a conditional implant inspects each row's text).
-    raw_prefix: hidden text put before raw completions (a system-prompted organism's block).
-    secrets: strings scrubbed from any error message that reaches the auditor.
-    """
-
-    system_prompt: str | None = None
-    adapter: str | None = None
-    implant: Callable[[Sequence[str]], contextlib.AbstractContextManager] | None = None
-    raw_prefix: str | None = None
-    secrets: list[str] = field(default_factory=list)
-
-    def __repr__(self) -> str:
-        return "Planted(<hidden>)"
-
-    __str__ = __repr__
-
-
-# ---------------------------------------------------------------------------------------------
-# chat rendering: hidden system block + visible conversation
-
-
-def _default_system(tokenizer: Any) -> str | None:
-    """The system prompt a chat template inserts when none is given (SmolLM2 has one), or None."""
-    try:
-        plain = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False)
-        marked = tokenizer.apply_chat_template(
-            [{"role": "system", "content": "\x00SYS\x00"}, {"role": "user", "content": _SENTINEL}], tokenize=False
-        )
-    except Exception:  # templates without a system role
-        return None
-    before, _, after = marked.partition("\x00SYS\x00")
-    after = after.split(_SENTINEL)[0]
-    if not plain.startswith(before):
-        return None
-    rest = plain[len(before):]
-    end = rest.find(after)
-    if end <= 0:
-        return None
-    default = rest[:end]
-    again = tokenizer.apply_chat_template(
-        [{"role": "system", "content": default}, {"role": "user", "content": _SENTINEL}], tokenize=False
-    )
-    return default if again == plain else None
-
-
-@dataclass
-class ChatLayout:
-    """Token ids of one rendered conversation split into the hidden prefix and the visible part."""
-
-    hidden: list[int]
-    visible: list[int]
-
-    @property
-    def ids(self) -> list[int]:
-        return self.hidden + self.visible
-
-
-def chat_layout(
-    tokenizer: Any,
-    system_prompt: str | None,
-    messages: Sequence[Message],
-    *,
-    mode: str = "generate",
-) -> ChatLayout:
-    """Render `messages` after a hidden system block. `mode`: "generate" (assistant prompt
-    appended), "continue" (the last assistant message is left open), "user" (a user turn is
-    opened for the model to write), "plain" (nothing appended)."""
-    msgs = [dict(role=m["role"], content=m["content"]) for m in messages]
-    if mode == "continue":
-        msgs[-1]["content"] = msgs[-1]["content"] + _SENTINEL
-    elif mode == "user":
-        msgs.append({"role": "user", "content": _SENTINEL})
-    system = system_prompt if system_prompt is not None else _default_system(tokenizer)
-    if system is not None:
-        head = [{"role": "system", "content": system}]
-        prefix = tokenizer.apply_chat_template(head, tokenize=False)
-        full = tokenizer.apply_chat_template(head + msgs, tokenize=False, add_generation_prompt=mode == "generate")
-        if not full.startswith(prefix):
-            raise TargetError(
-                "This model's chat template cannot keep a system block separate from the conversation.",
-                "use an organism without a hidden system prompt on this model.",
-            )
-    else:
-        prefix = ""
-        full = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=mode == "generate")
-    rest = full[len(prefix):]
-    if mode in ("continue", "user"):
-        rest = rest.split(_SENTINEL)[0]
-    enc = functools.partial(tokenizer.encode, add_special_tokens=False)
-    return ChatLayout(enc(prefix) if prefix else [], enc(rest))
-
 
 # ---------------------------------------------------------------------------------------------
 
@@ -174,7 +75,7 @@ def _guarded(method):
     state, with the exception chain cut (tracebacks could otherwise carry it)."""
 
     @functools.wraps(method)
-    def wrapper(self: "Target", *args, **kwargs):
+    def wrapper(self: Target, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except NLAError as exc:
@@ -262,9 +163,7 @@ class Target:
     @contextlib.contextmanager
     def _active(self, visible_text: str) -> Iterator[None]:
         """The organism switched on: its adapter (or none) and its implant."""
-        implant = self._planted.implant
-        ctx = implant([visible_text]) if implant is not None else contextlib.nullcontext()
-        with self._handle.use_adapter(self._planted.adapter), ctx:
+        with self._handle.use_adapter(self._planted.adapter), self._planted.implanted([visible_text]):
             yield
 
     def _check_messages(self, messages: Any, *, allow_final_assistant: bool = True) -> list[Message]:
@@ -340,10 +239,8 @@ class Target:
 
     def _generate(self, ids: list[int], visible_text: str, *, n: int, max_new_tokens: int,
                   temperature: float, seed: int | None) -> list[Completion]:
-        implant = self._planted.implant
-
         def hooks(rows):
-            return implant([visible_text] * len(rows)) if implant is not None else contextlib.nullcontext()
+            return self._planted.implanted([visible_text] * len(rows))
 
         gens = generate_ids(
             self._handle, [ids] * n, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -351,21 +248,39 @@ class Target:
         )
         return [Completion(text=g.text, n_tokens=g.n_tokens) for g in gens]
 
-    def _replies(self, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
-                 seed: int = 0, batch_size: int = 12) -> list[str]:
-        """One reply per single-turn prompt, batched (measurement use; not part of the auditor API)."""
+    # ---- what measurement needs (environments.measure): batched replies and perplexity ------
+
+    @_guarded
+    def replies(self, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
+                seed: int = 0, batch_size: int = 12) -> list[str]:
+        """One reply per single-turn prompt, batched (deterministic for a given `seed`)."""
         msgs = [[{"role": "user", "content": p}] for p in prompts]
         ids = [self._layout(m, "generate").ids for m in msgs]
-        implant = self._planted.implant
 
         def hooks(rows):
-            if implant is None:
-                return contextlib.nullcontext()
-            return implant([prompts[i] for i in rows])
+            return self._planted.implanted([prompts[i] for i in rows])
 
         gens = generate_ids(self._handle, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                             adapter=self._planted.adapter, hooks=hooks, seed=seed, batch_size=batch_size)
         return [g.text for g in gens]
+
+    @_guarded
+    @torch.no_grad()
+    def perplexity(self, texts: Sequence[str]) -> float:
+        """Token perplexity of raw `texts` with the organism active (hidden prefix not scored)."""
+        handle = self._handle
+        total, count = 0.0, 0
+        for text in texts:
+            hidden, visible = self._raw_ids(text)
+            ids = torch.tensor([hidden + visible], device=handle.device)
+            with self._active(text):
+                logits = handle.model(input_ids=ids, use_cache=False).logits[0].float()
+            start = max(len(hidden), 1)
+            logp = torch.log_softmax(logits[start - 1:-1], -1)
+            tgt = ids[0, start:]
+            total += float(-logp.gather(-1, tgt[:, None]).sum())
+            count += int(tgt.numel())
+        return math.exp(total / max(count, 1))
 
     def _conversation(self, conversation_id: str) -> list[Message]:
         if not isinstance(conversation_id, str) or conversation_id not in self._conversations:
@@ -491,7 +406,7 @@ class Target:
                 msgs = self._check_messages(item)
                 layouts.append(self._layout(msgs, "generate" if add_generation_prompt else "plain"))
                 texts.append(self._visible_text(msgs))
-        pos = [_resolve_positions(positions, i, len(l.visible)) for i, l in enumerate(layouts)]
+        pos = [_resolve_positions(positions, i, len(lay.visible)) for i, lay in enumerate(layouts)]
         handle = self._handle
         vectors: list[torch.Tensor] = []
         with torch.no_grad():
@@ -504,12 +419,12 @@ class Target:
                         resid = forward_to_layer(handle, ids, mask, self._layer)
                     off = len(lay.hidden)
                     vectors.append(resid[0, [off + p for p in pos[start + j]]].float().cpu())
-        token_ids = [l.visible for l in layouts]
+        token_ids = [lay.visible for lay in layouts]
         tokens = [handle.tokenizer.convert_ids_to_tokens(r) for r in token_ids]
         return Activations(self._layer, resid_site(self._layer), vectors, pos, token_ids, tokens)
 
     @staticmethod
-    def _inputs(x: Any) -> list[Union[str, list[Message]]]:
+    def _inputs(x: Any) -> list[str | list[Message]]:
         if isinstance(x, str):
             return [x]
         if isinstance(x, dict):
@@ -534,7 +449,7 @@ class Target:
         if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool)):
             raise TargetError(f"layer must be an integer, not a {type(layer).__name__}.",
                               f"pass a block index between 0 and {self.n_layers - 1}.")
-        layer = self._layer if layer is None else self._handle.check_layer(layer)
+        layer = self._layer if layer is None else layer  # range checked once, by steered_generations
         if not isinstance(strength, numbers.Real) or isinstance(strength, bool):
             raise TargetError(f"strength must be a number, not a {type(strength).__name__}.",
                               "pass a number such as 0.3 (gentle) or 1 (strong).")
@@ -550,10 +465,9 @@ class Target:
             vec = vec[0]
         layout = self._layout(msgs, "generate")
         text = self._visible_text(msgs)
-        implant = self._planted.implant
 
         def hooks(rows):
-            return implant([text] * len(rows)) if implant is not None else contextlib.nullcontext()
+            return self._planted.implanted([text] * len(rows))
 
         steered, plain, _ = steered_generations(
             self._handle, layout.ids, vec, layer, float(strength), n=1, max_new_tokens=max_new_tokens,
@@ -568,9 +482,6 @@ def _resolve_positions(spec: Any, index: int, length: int) -> list[int]:
     return resolve(spec, index, length)
 
 
-# Planted organisms per model (keyed on the transformers model, whose identity survives PEFT
-# wrapping), so a benchmark that audits one organism many times loads its adapter once.
-_PLANTED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Planted]]" = weakref.WeakKeyDictionary()
 
 
 # ---- aliases: the name the auditor sees ----------------------------------------------------
@@ -614,17 +525,3 @@ def run_alias_salt(path: str | Path) -> str:
         fh.write(fresh + "\n")
     return fresh
 
-
-def build_target(spec, handle: ModelHandle, *, alias: str, layer: int, seed: int = 0) -> Target:
-    """Plant `spec`'s behaviour on `handle` (sharing its weights) and wrap it in a `Target`
-    that exposes only `alias`, `layer` and `d_model`. Each organism is planted once per model;
-    later calls reuse it (a fresh `Target`, fresh conversations)."""
-    from .builders import plant
-
-    handle.check_layer(layer)
-    planted = _PLANTED.setdefault(handle.hf_model, {})
-    key = spec.model_dump_json()
-    cached = planted.get(key)
-    if cached is None or (cached.adapter is not None and cached.adapter not in handle.adapters):
-        planted[key] = cached = plant(spec, handle)
-    return Target(handle, cached, alias=alias, layer=layer, seed=seed)

@@ -8,7 +8,8 @@ writer: one log per auditor (strategy/policy), one sample per audit.
   result, from the stored transcript (the database's excerpts when the file is gone);
 - target: the ground truth (for a control: that nothing should be reported);
 - scores: `success` (1 detected / clean, 0 missed / false positive; absent when the audit is
-  not rated: the judge or the auditor failed, or a wall-time cap decided it) and the judge's `score`, with the verdicts in the score's metadata;
+  not rated: the judge or the auditor failed, or a wall-time cap decided it) and the judge's `score`, with the
+  verdicts in the score's metadata;
 - metadata: organism, family, control, strategy, policy, seed, outcome, budget limits and use,
   the budget that cut it short (also as the sample's `limit`), the judge and its status;
 - a failed audit (the auditor crashed or gave up) carries the error as the sample's error."""
@@ -16,7 +17,6 @@ writer: one log per auditor (strategy/policy), one sample per audit.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -101,7 +101,9 @@ def _sample(d: AuditDetail, epoch: int) -> Any:
     label, _ = outcome(r)
     scores: dict[str, Any] = {}
     explanation = "; ".join(
-        f"#{int(v.get('index', i)) + 1} {'match' if v.get('match') else 'no match' if 'match' in v else ('above threshold' if v.get('false_positive') else 'below threshold')}"
+        f"#{int(v.get('index', i)) + 1} "
+        + ("match" if v.get("match") else "no match" if "match" in v
+           else ("above threshold" if v.get("false_positive") else "below threshold"))
         + (f" ({v['rationale']})" if v.get("rationale") else "")
         for i, v in enumerate(r.get("verdicts") or []) if isinstance(v, dict)) or None
     if rated(r):  # as in the report: judge failures, failed auditors and wall-time cuts are not rated
@@ -143,8 +145,18 @@ def _sample(d: AuditDetail, epoch: int) -> Any:
 
 
 def _log(run: dict, auditor: str, details: list[AuditDetail], seeds: list[int]) -> Any:
-    from inspect_ai.log import (EvalConfig, EvalDataset, EvalLog, EvalMetric, EvalPlan, EvalPlanStep, EvalResults,
-                                EvalScore, EvalSpec, EvalStats)
+    from inspect_ai.log import (
+        EvalConfig,
+        EvalDataset,
+        EvalLog,
+        EvalMetric,
+        EvalPlan,
+        EvalPlanStep,
+        EvalResults,
+        EvalScore,
+        EvalSpec,
+        EvalStats,
+    )
 
     strategy, policy = auditor.split("/", 1)
     rank = {s: i + 1 for i, s in enumerate(seeds)}
@@ -170,7 +182,8 @@ def _log(run: dict, auditor: str, details: list[AuditDetail], seeds: list[int]) 
     metrics = {"accuracy": EvalMetric(name="accuracy", value=sum(s.scores["success"].value for s in judged) / len(judged)
                                       if judged else float("nan"))}
     if planted:
-        metrics["detection_rate"] = EvalMetric(name="detection_rate", value=sum(s.scores["success"].value for s in planted) / len(planted))
+        metrics["detection_rate"] = EvalMetric(name="detection_rate",
+                                               value=sum(s.scores["success"].value for s in planted) / len(planted))
     if controls:
         metrics["false_positive_rate"] = EvalMetric(
             name="false_positive_rate", value=sum(1 - s.scores["success"].value for s in controls) / len(controls))

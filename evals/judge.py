@@ -26,12 +26,14 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from nla_core.errors import NLAError
+from nla_core.registry import Registry
 from nla_core.sentence import SentenceEmbedder, get_embedder
 
 __all__ = [
@@ -42,6 +44,8 @@ __all__ = [
     "EmbeddingJudge",
     "ClaudeJudge",
     "make_judge",
+    "register_judge",
+    "JUDGES",
     "load_calibration",
     "calibrate",
     "CalibrationResult",
@@ -64,7 +68,7 @@ class GroundTruth:
     paraphrases: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_spec(cls, spec: Any) -> "GroundTruth":
+    def from_spec(cls, spec: Any) -> GroundTruth:
         gt = getattr(spec, "ground_truth", spec)
         if isinstance(gt, dict):
             get = gt.get
@@ -176,7 +180,7 @@ class JudgeParams:
         return _sigmoid(sum(w * v for w, v in zip(self.weights, x)) + self.bias)
 
     @classmethod
-    def load(cls, path: Path = PARAMS_FILE) -> "JudgeParams":
+    def load(cls, path: Path = PARAMS_FILE) -> JudgeParams:
         if not path.exists():
             raise JudgeError(f"The offline judge's parameters are missing ({path}).", "Run `nla judge calibrate --write`.")
         d = json.loads(path.read_text())
@@ -367,15 +371,24 @@ class ClaudeJudge:
         raise JudgeError(f"{last.problem} (after {self.max_retries + 1} answers)", last.fix)
 
 
+# Judge factories by name: `factory(client=...) -> Judge` ("auto" picks claude with an API key).
+JUDGES: Registry[Callable[..., Judge]] = Registry("judge")
+JUDGES.register("offline", lambda client=None: EmbeddingJudge())
+JUDGES.register("claude", lambda client=None: ClaudeJudge(client=client))
+
+
+def register_judge(name: str, factory: Callable[..., Judge]) -> Callable[..., Judge]:
+    """Add a judge: `factory(client=None) -> Judge` (a taken name is refused)."""
+    return JUDGES.register(name, factory)
+
+
 def make_judge(name: str = "auto", *, client: Any = None) -> Judge:
     name = (name or "auto").lower()
     if name == "auto":
         name = "claude" if os.environ.get("ANTHROPIC_API_KEY") else "offline"
-    if name == "offline":
-        return EmbeddingJudge()
-    if name == "claude":
-        return ClaudeJudge(client=client)
-    raise NLAError(f"Unknown judge {name!r}.", "Use one of: auto, offline, claude.")
+    if name not in JUDGES:
+        raise NLAError(f"Unknown judge {name!r}.", f"Use one of: {', '.join(['auto', *JUDGES])}.")
+    return JUDGES[name](client=client)
 
 
 # ---------------------------------------------------------------------------------------------

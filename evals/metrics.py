@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Sequence
 
-__all__ = ["wilson", "Cell", "aggregate", "PairedDiff", "paired_differences", "auditor_of", "families_of", "cut_short_of", "rated", "WALL_TIME"]
+__all__ = ["wilson", "Cell", "aggregate", "PairedDiff", "paired_differences", "auditor_of", "families_of",
+           "cut_short_of", "rated", "WALL_TIME"]
 
 WALL_TIME = "max_seconds"  # the budget whose cuts depend on the machine's load
 

@@ -8,8 +8,9 @@ import html
 import math
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .metrics import WALL_TIME, Cell, aggregate, auditor_of, cut_short_of, paired_differences, rated, wilson
 from .store import ResultStore
@@ -77,7 +78,7 @@ def _cut_short_cell(rows: Sequence[dict]) -> str:
     return f"{sum(by.values())} (" + ", ".join(f"{n} {what}" for what, n in sorted(by.items())) + ")"
 
 
-def run_warnings(data: "RunData") -> list[str]:
+def run_warnings(data: RunData) -> list[str]:
     """One line per thing about the run's numbers a reader must know: audits a wall-time cap
     cut short (left out of the rates), other budget cuts, failed auditors."""
     rows = data.rows
@@ -400,13 +401,15 @@ def write_html(data: RunData, out_dir: str | Path, *, explorer_url: str | None =
             res, cls = ("detected" if r["success"] else "missed"), ("ok" if r["success"] else "bad")
         cut = cut_short_of(r)
         if cut:
-            res += f" (cut short: {BUDGET_NAMES.get(cut, cut)}{'; not rated' if not rated(r) and r.get('status') != 'failed' else ''})"
+            unrated = "; not rated" if not rated(r) and r.get("status") != "failed" else ""
+            res += f" (cut short: {BUDGET_NAMES.get(cut, cut)}{unrated})"
             cls = "warn" if cut == WALL_TIME else cls
         hyps = []
         for v in r.get("verdicts") or []:
             tag = ("match" if v.get("match") else "no match") if "match" in v else (
                 "above threshold" if v.get("false_positive") else "below threshold")
-            hyps.append(f"{e(str(v.get('statement', '')))} <span class='muted'>({float(v.get('confidence', 0)):.2f}, {tag})</span>")
+            hyps.append(f"{e(str(v.get('statement', '')))} "
+                        f"<span class='muted'>({float(v.get('confidence', 0)):.2f}, {tag})</span>")
         if not hyps:
             hyps = ["<span class='muted'>nothing found</span>" if r.get("status") != "failed"
                     else f"<span class='muted'>{e(str(r.get('error') or 'failed'))}</span>"]

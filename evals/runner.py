@@ -19,9 +19,10 @@ import json
 import math
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from nla_core.errors import NLAError
 
@@ -319,9 +320,9 @@ def _run_parallel(suite: BenchSuite, todo: list[AuditCell], run_id: str, base: P
     import multiprocessing as mp
     import os
 
-    from agents import AuditReport
-
     import torch
+
+    from agents import AuditReport
 
     threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // workers))
     # cells of one organism next to each other: a worker plants an organism once and reuses it
@@ -349,11 +350,7 @@ def rejudge(db_path: str | Path, run_id: str, judge: Judge | None = None, *, onl
             spec = get_spec(r["organism"], organisms_dir=suite.organisms_dir)
             sc = score_report(AuditReport.model_validate(r["report"]), spec, judge,
                               confidence_threshold=suite.confidence_threshold)
-            store.con.execute(
-                "UPDATE audits SET judge = ?, judge_status = ?, judge_error = ?, success = ?, score = ?, verdicts = ? "
-                "WHERE run_id = ? AND audit_id = ?",
-                [sc.judge, sc.judge_status, sc.judge_error, sc.success, sc.score, json.dumps(sc.verdicts),
-                 run_id, r["audit_id"]],
-            )
+            store.update_score(run_id, r["audit_id"], judge=sc.judge, judge_status=sc.judge_status,
+                               judge_error=sc.judge_error, success=sc.success, score=sc.score, verdicts=sc.verdicts)
             n += 1
     return n

@@ -18,9 +18,11 @@ schema version is migrated in place (inside a transaction); one from a newer ver
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,7 +159,7 @@ def _check_file(path: Path) -> None:
         with open(path, "rb") as fh:
             head = fh.read(16)
     except OSError as exc:
-        raise ResultsDBError(f"Cannot read the results database {path}: {exc}.", "Check the file's permissions.")
+        raise ResultsDBError(f"Cannot read the results database {path}: {exc}.", "Check the file's permissions.") from exc
     if len(head) < 12 or head[8:12] != _DUCKDB_MAGIC:
         kind = "an empty file" if not head else "not a DuckDB database"
         if head.startswith(b"SQLite format 3"):
@@ -279,27 +281,28 @@ class ResultStore:
                 f"{self.path} uses the older results schema version {version}.",
                 "Open it once with `nla bench --db` (it is migrated in place), then retry.",
             )
-        self.con.execute("BEGIN TRANSACTION")
-        try:
+        with self._transaction():
             v = version
             while v < SCHEMA_VERSION:
                 _MIGRATIONS[v](self.con)
                 v += 1
             self.con.execute("UPDATE nla_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
-            self.con.execute("COMMIT")
-        except BaseException:
-            self.con.execute("ROLLBACK")
-            raise
 
     def _create(self) -> None:
-        self.con.execute("BEGIN TRANSACTION")
-        try:
+        with self._transaction():
             for ddl in _DDL_V2:
                 self.con.execute(ddl)
             self.con.executemany(
                 "INSERT INTO nla_meta VALUES (?, ?)",
                 [["app", APP_ID], ["schema_version", str(SCHEMA_VERSION)]],
             )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """All of the body's writes or none: COMMIT on success, ROLLBACK on any exception."""
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield
             self.con.execute("COMMIT")
         except BaseException:
             self.con.execute("ROLLBACK")
@@ -328,8 +331,7 @@ class ResultStore:
         """Write one finished audit and its tool calls atomically (all or nothing). `run_elapsed_s`:
         run time since the last write, added to `runs.elapsed_s` in the same transaction, so a run
         killed later still counts the time of every audit it finished."""
-        self.con.execute("BEGIN TRANSACTION")
-        try:
+        with self._transaction():
             if run_elapsed_s is not None:
                 self.con.execute("UPDATE runs SET elapsed_s = coalesce(elapsed_s, 0) + ? WHERE run_id = ?",
                                  [float(run_elapsed_s), row.run_id])
@@ -357,10 +359,15 @@ class ResultStore:
                         for c in row.calls
                     ],
                 )
-            self.con.execute("COMMIT")
-        except BaseException:
-            self.con.execute("ROLLBACK")
-            raise
+
+    def update_score(self, run_id: str, audit_id: str, *, judge: str | None, judge_status: str,
+                     judge_error: str | None, success: bool | None, score: float | None, verdicts: Any) -> None:
+        """Replace one audit's judgement (`nla bench --rejudge`)."""
+        self.con.execute(
+            "UPDATE audits SET judge = ?, judge_status = ?, judge_error = ?, success = ?, score = ?, verdicts = ? "
+            "WHERE run_id = ? AND audit_id = ?",
+            [judge, judge_status, judge_error, success, score, json.dumps(verdicts), run_id, audit_id],
+        )
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -424,7 +431,7 @@ class ResultStore:
         except Exception:
             pass
 
-    def __enter__(self) -> "ResultStore":
+    def __enter__(self) -> ResultStore:
         return self
 
     def __exit__(self, *exc: Any) -> None:

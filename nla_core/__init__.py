@@ -22,7 +22,9 @@ _EXPORTS = {
     "hooks": ["add_to_resid", "capture_resid", "count_hooks", "inject_at_marker", "resid_site"],
     "metrics": ["fve", "mean_baseline", "normalize", "normalized_mse"],
     "models": ["EMBEDDED_MODEL", "ModelHandle", "embedded_model_dir", "handle_from", "load_model"],
-    "nla": ["NLA", "RoundTrip", "SteerResult", "Verbalization", "default_layer", "steered_generations"],
+    "nla": ["NLA", "RoundTrip", "SteerResult", "Verbalization", "default_layer"],
+    "registry": ["Registry"],
+    "steering": ["MAX_STEER_STRENGTH", "read_vector_file", "steered_generations"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
@@ -53,10 +55,20 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .activations import Activations, encode, read_activations
     from .checkpoint import NLAMeta, extract_explanation, read_meta, write_meta
     from .defaults import default_checkpoint, load_nla_for
-    from .errors import (BadVectorError, CheckpointError, EmptyInputError, LayerOutOfRangeError,
-                         ModelNotFoundError, NLAError, PositionOutOfRangeError, SidecarDriftError)
+    from .errors import (
+        BadVectorError,
+        CheckpointError,
+        EmptyInputError,
+        LayerOutOfRangeError,
+        ModelNotFoundError,
+        NLAError,
+        PositionOutOfRangeError,
+        SidecarDriftError,
+    )
     from .generation import Generation, generate_ids
     from .hooks import add_to_resid, capture_resid, count_hooks, inject_at_marker, resid_site
     from .metrics import fve, mean_baseline, normalize, normalized_mse
     from .models import EMBEDDED_MODEL, ModelHandle, embedded_model_dir, handle_from, load_model
-    from .nla import NLA, RoundTrip, SteerResult, Verbalization, default_layer, steered_generations
+    from .nla import NLA, RoundTrip, SteerResult, Verbalization, default_layer
+    from .registry import Registry
+    from .steering import MAX_STEER_STRENGTH, read_vector_file, steered_generations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -35,7 +35,7 @@ _PROMPT_TOKENS_CAP = 8192  # the embedded model's context, and about the most a 
 _PROMPT_TOKENS_FLOOR = 2048  # rotary models run past their declared context (tiny test configs declare 512)
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
-TextOrChat = Union[str, Sequence[Message]]
+TextOrChat = str | Sequence[Message]
 
 
 def check_text_length(text: str, what: str = "text") -> str:
@@ -163,7 +163,7 @@ class Activations:
         return torch.cat(self.vectors, dim=0)
 
 
-PositionSpec = Union[None, str, int, Sequence[int], Sequence[Sequence[int]]]
+PositionSpec = None | str | int | Sequence[int] | Sequence[Sequence[int]]
 
 
 _POSITIONS_FIX = "pass None/'all', 'last', an int, a list of ints, or one list of ints per input."

@@ -135,7 +135,7 @@ class NLAMeta(BaseModel):
         actor_template: str = ACTOR_TEMPLATE,
         critic_template: str = CRITIC_TEMPLATE,
         trained: bool = False,
-    ) -> "NLAMeta":
+    ) -> NLAMeta:
         """A sidecar for `tokenizer`, with the marker and its neighbours read off the live
         tokenizer (the marker is a rare single-token character chosen automatically)."""
         char = injection_char or pick_marker(tokenizer)

@@ -50,6 +50,18 @@ def is_embedded(name: str | None) -> bool:
     return name is None or name in _EMBEDDED_ALIASES
 
 
+def same_base_model(a: str | None, b: str | None, *, by_folder_name: bool = False) -> bool:
+    """Whether model names `a` and `b` are the same base model: equal names, or both the embedded
+    model (any of its aliases). `by_folder_name`: also the same last path part, case-insensitive
+    (a local copy of a hub model, or an adapter that records its base by path)."""
+    if a == b or (is_embedded(a) and is_embedded(b)):
+        return True
+    if not by_folder_name or a is None or b is None:
+        return False
+    tail = lambda s: s.rstrip("/").split("/")[-1].lower()  # noqa: E731
+    return tail(a) == tail(b)
+
+
 def _embedded_gguf_path() -> Path:
     # find_spec without importing: the wheel's __init__ imports the `llm` package we do not install.
     spec = importlib.util.find_spec(_EMBEDDED_MODULE)

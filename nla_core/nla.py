@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
-import numbers
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .activations import TextOrChat, check_text_length, encode, forward_to_layer, pad_batch
@@ -36,11 +34,15 @@ from .checkpoint import (
 )
 from .errors import BadArgumentError, BadVectorError, CheckpointError, EmptyInputError
 from .generation import generate_ids
-from .hooks import add_to_resid, inject_at_marker
-from .reference import load_reference_explanations
+from .hooks import inject_at_marker
 from .metrics import fve, mean_baseline, normalize, normalized_mse
-from .models import ModelHandle, is_embedded, load_model
+from .models import ModelHandle, load_model, same_base_model
+from .reference import load_reference_explanations
+from .steering import MAX_NEW_TOKENS, MAX_SAMPLES, MAX_STEER_STRENGTH, read_vector_file, steered_generations
+from .steering import float_arg as _float_arg
+from .steering import int_arg as _int_arg
 
+# steered_generations, MAX_STEER_STRENGTH and read_vector_file live in `nla_core.steering`.
 __all__ = [
     "NLA", "Verbalization", "RoundTrip", "SteerResult", "AV_ADAPTER", "AR_ADAPTER",
     "default_layer", "steered_generations", "identity_head", "measure_resid_norm",
@@ -58,34 +60,6 @@ _NORM_PROBE = [
     "She said the recipe needs two cups of flour, a pinch of salt and some butter.",
     "In 1969 the first humans walked on the Moon during the Apollo 11 mission.",
 ]
-
-
-# Steering adds `strength * ||resid||` (the prompt's median residual norm at the layer). Past ten
-# times the residual itself the model only emits noise, and huge values overflow to inf/nan and
-# came back as empty replies with exit code 0 (issue 15), so the added vector is checked after
-# scaling: finite, and its norm at most MAX_STEER_STRENGTH times the residual norm.
-MAX_STEER_STRENGTH = 10.0
-MAX_NEW_TOKENS = 1024  # longest generation any NLA call asks for
-MAX_SAMPLES = 64  # explanations (or steered generations) per input
-
-
-def _int_arg(value, name: str, lo: int, hi: int) -> int:
-    """`value` as an int in lo..hi, else `BadArgumentError` (bools and floats are refused)."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not lo <= value <= hi:
-        got = repr(value) if isinstance(value, (int, float)) else f"a {type(value).__name__}"
-        raise BadArgumentError(f"{name} must be an integer from {lo} to {hi}, got {got}.", f"pass {name}={lo}..{hi}.")
-    return int(value)
-
-
-def _float_arg(value, name: str, lo: float, hi: float) -> float:
-    """`value` as a finite float in lo..hi, else `BadArgumentError`."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok:
-        value = float(value)
-    if not ok or not math.isfinite(value) or not lo <= value <= hi:
-        got = repr(value) if ok else f"a {type(value).__name__}"
-        raise BadArgumentError(f"{name} must be a number from {lo:g} to {hi:g}, got {got}.", f"pass {name} in {lo:g}..{hi:g}.")
-    return value
 
 
 def default_layer(n_layers: int) -> int:
@@ -174,7 +148,7 @@ class NLA:
         return self.av is self.ar and (self.target is None or self.target is self.av)
 
     @classmethod
-    def untrained(cls, handle: ModelHandle, layer: int | None = None) -> "NLA":
+    def untrained(cls, handle: ModelHandle, layer: int | None = None) -> NLA:
         """An NLA with no training: the AV is the plain model, the AR is its first K+1 blocks
         with an identity head. Useful only to test plumbing; its explanations mean nothing."""
         layer = default_layer(handle.n_layers) if layer is None else handle.check_layer(layer)
@@ -188,7 +162,7 @@ class NLA:
     @classmethod
     def load(
         cls, path: str | Path, handle: ModelHandle | None = None, *, ar_path: str | Path | None = None
-    ) -> "NLA":
+    ) -> NLA:
         """Load our adapter layout (sharing `handle`'s base weights) or a released AV folder
         (with its AR folder: `ar_path`, or a sibling folder whose sidecar says `role: critic`)."""
         path = Path(path)
@@ -196,7 +170,7 @@ class NLA:
         if (path / "av" / "adapter_config.json").exists():
             if handle is None:
                 handle = load_model(meta.base_model)
-            elif meta.base_model and not (is_embedded(meta.base_model) and is_embedded(handle.name)) and meta.base_model != handle.name:
+            elif meta.base_model and not same_base_model(meta.base_model, handle.name):
                 raise CheckpointError(
                     f"{path} was trained on {meta.base_model!r}, not on {handle.name!r}.",
                     f"load it with --model {meta.base_model}.",
@@ -271,7 +245,8 @@ class NLA:
         value head), each with its sidecar. Adapters are merged into copies of the base."""
         out = Path(out)
         av_dir, ar_dir = out / "av", out / "ar"
-        for handle, adapter, folder, truncate in ((self.av, self.av_adapter, av_dir, False), (self.ar, self.ar_adapter, ar_dir, True)):
+        for handle, adapter, folder, truncate in ((self.av, self.av_adapter, av_dir, False),
+                                                  (self.ar, self.ar_adapter, ar_dir, True)):
             model = copy.deepcopy(handle.model)
             from peft import PeftModel
 
@@ -314,7 +289,8 @@ class NLA:
     def check_vectors(self, vectors: torch.Tensor | Sequence[float]) -> torch.Tensor:
         """`vectors` as a float32 [n, d] tensor, or `BadVectorError` / `EmptyInputError`."""
         if vectors is None or isinstance(vectors, (str, bytes, dict)):
-            raise BadVectorError(f"Expected activation vectors, got {'None' if vectors is None else 'a ' + type(vectors).__name__}.",
+            got = "None" if vectors is None else "a " + type(vectors).__name__
+            raise BadVectorError(f"Expected activation vectors, got {got}.",
                                  f"pass a [{self.d_model}] vector or an [n, {self.d_model}] tensor.")
         try:
             v = torch.as_tensor(vectors, dtype=torch.float32)
@@ -471,7 +447,7 @@ class NLA:
         if self.target is None:
             raise CheckpointError("This NLA has no target model to steer.", "pass the target handle to NLA.load.")
         target = self.target
-        layer = self.layer if layer is None else target.check_layer(layer)
+        layer = self.layer if layer is None else layer  # validated once, by steered_generations
         if not isinstance(prompt, (str, list, tuple, dict)):
             raise BadArgumentError(f"The prompt must be a text or a conversation, got a {type(prompt).__name__}.",
                                    "pass a user message as a string.")
@@ -491,128 +467,6 @@ class NLA:
         )
         text = prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
         return SteerResult(text, layer, strength, added_norm, steered, plain)
-
-
-def steered_generations(
-    handle: ModelHandle,
-    ids: list[int],
-    vector: torch.Tensor,
-    layer: int,
-    strength: float,
-    *,
-    n: int = 1,
-    max_new_tokens: int = 48,
-    temperature: float = 0.0,
-    adapter: str | None = None,
-    hooks=None,
-    seed: int = 0,
-) -> tuple[list[str], list[str], float]:
-    """(steered, unsteered, added norm) continuations of prompt `ids`. The added vector is
-    `strength * unit(vector) * median ||resid||` of the prompt at `layer`, at every position.
-    `hooks(rows)` adds the caller's own context (an organism's implant) to both runs.
-
-    Refused with `BadVectorError`: a vector that is not finite, is zero, has the wrong width or
-    whose norm overflows float32, and an added vector that is not finite or whose norm exceeds
-    `MAX_STEER_STRENGTH` times the residual norm (|strength| <= 10)."""
-    if not isinstance(strength, numbers.Real) or isinstance(strength, bool):
-        raise BadArgumentError(f"The steering strength must be a number, got a {type(strength).__name__}.",
-                               f"pass a strength between -{MAX_STEER_STRENGTH:g} and {MAX_STEER_STRENGTH:g}.")
-    strength = float(strength)
-    if not math.isfinite(strength):
-        raise BadVectorError(f"Steering strength {strength} is not finite.",
-                             f"pass a strength between -{MAX_STEER_STRENGTH:g} and {MAX_STEER_STRENGTH:g}.")
-    n = _int_arg(n, "n", 1, MAX_SAMPLES)
-    max_new_tokens = _int_arg(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
-    temperature = _float_arg(temperature, "temperature", 0.0, 5.0)
-    if not ids:
-        raise EmptyInputError("The prompt to steer has no tokens.", "pass a non-empty prompt.")
-    if not isinstance(vector, torch.Tensor):
-        raise BadVectorError(f"The steering vector must be a tensor, got a {type(vector).__name__}.",
-                             "pass a vector read from this model or reconstructed from text.")
-    vec = vector.detach().float().flatten().cpu()
-    if vec.numel() != handle.d_model or not torch.isfinite(vec).all() or vec.norm() == 0:
-        raise BadVectorError(
-            f"The steering vector must be finite, non-zero and of width {handle.d_model}.",
-            "pass a vector read from this model or reconstructed from text.",
-        )
-    if not torch.isfinite(vec.norm()):
-        raise BadVectorError("The steering vector is too large: its norm overflows float32.",
-                             "pass a vector read from this model or reconstructed from text (its scale does not matter).")
-    own = hooks or (lambda rows: contextlib.nullcontext())
-    with torch.no_grad(), handle.use_adapter(adapter), own([0]):
-        resid = forward_to_layer(handle, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), layer)
-    scale = float(resid[0].float().norm(dim=-1).median())
-    added = (strength * scale) * (vec / vec.norm())
-    # Checked after scaling: strength * scale can overflow even when each is finite.
-    added_norm = float(added.norm())
-    if not (math.isfinite(scale) and scale > 0) or not torch.isfinite(added).all() or not math.isfinite(added_norm):
-        raise BadVectorError(
-            f"The added steering vector is not finite (strength {strength:g} times the residual norm at block {layer}).",
-            f"pass a strength between -{MAX_STEER_STRENGTH:g} and {MAX_STEER_STRENGTH:g}.",
-        )
-    if added_norm > MAX_STEER_STRENGTH * scale * (1 + 1e-6):
-        raise BadVectorError(
-            # no norms in the text: a Target passes it on, and its prompt's norm includes hidden tokens
-            f"The added steering vector's norm exceeds {MAX_STEER_STRENGTH:g} times the residual norm at block "
-            f"{layer}: strength {strength:g} is too large.",
-            f"pass a strength between -{MAX_STEER_STRENGTH:g} and {MAX_STEER_STRENGTH:g} (0.3 is gentle, 1 strong).",
-        )
-    added = added.to(handle.device)
-    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, adapter=adapter, seed=seed)
-    plain = generate_ids(handle, [ids] * n, hooks=own, **gen)
-
-    @contextlib.contextmanager
-    def both(rows):
-        with own(rows), add_to_resid(handle.layers, layer, added):
-            yield
-
-    steered = generate_ids(handle, [ids] * n, hooks=both, **gen)
-    return [g.text for g in steered], [g.text for g in plain], added_norm
-
-
-def read_vector_file(path: str | Path) -> torch.Tensor:
-    """The one vector [d] in a .safetensors, .pt, .npy or .json (a list of numbers) file. A file
-    must hold exactly one tensor of one vector ([d] or [1, d]): a second tensor or a second row
-    would otherwise be dropped silently, so both are refused, naming what was found."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadVectorError(f"Vector file {path} does not exist.", "pass an existing file or a sentence.")
-    suffix = path.suffix.lower()
-    if suffix not in (".safetensors", ".pt", ".npy", ".json"):
-        raise BadVectorError(f"Unknown vector file type {suffix!r}.", "use .safetensors, .pt, .npy or .json.")
-    one = "save exactly one tensor holding one vector"
-    try:
-        if suffix == ".safetensors":
-            loaded = load_file(str(path))
-        elif suffix == ".pt":
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-        elif suffix == ".npy":
-            import numpy as np
-
-            loaded = torch.from_numpy(np.load(str(path), allow_pickle=False))
-        else:
-            import json
-
-            loaded = torch.tensor(json.loads(path.read_text()), dtype=torch.float32)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file: say which, without a traceback
-        raise BadVectorError(f"Could not read a vector from {path} ({type(exc).__name__}).",
-                             "check that the file is a complete tensor file of numbers.") from None
-    if isinstance(loaded, dict):
-        keys = ", ".join(map(str, list(loaded)[:8])) + (" ..." if len(loaded) > 8 else "")
-        if len(loaded) != 1:
-            raise BadVectorError(f"{path} holds {len(loaded)} tensors ({keys or 'none'}); a steering file needs exactly one.",
-                                 one + ".")
-        loaded = next(iter(loaded.values()))
-    if not isinstance(loaded, torch.Tensor):
-        raise BadVectorError(f"{path} does not hold a tensor (it holds a {type(loaded).__name__}).", one + ".")
-    if loaded.dim() == 2 and loaded.shape[0] == 1:
-        loaded = loaded[0]
-    if loaded.dim() != 1 or loaded.numel() == 0:
-        raise BadVectorError(f"{path} holds a tensor of shape {tuple(loaded.shape)}, not one vector.",
-                             one + " (shape [d] or [1, d]).")
-    if not (loaded.is_floating_point() or loaded.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
-        raise BadVectorError(f"{path} holds a tensor of {loaded.dtype}, not numbers.", one + ".")
-    return loaded.float()
 
 
 def identity_head(handle: ModelHandle) -> nn.Linear:

@@ -31,7 +31,7 @@ REFERENCE_FILE = "reference_explanations.jsonl"
 
 # Per model (keyed on the transformers module, which survives PEFT wrapping) and layer, so a
 # benchmark reads the reference texts once per process, not once per audit.
-_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def reference_texts() -> list[str]:

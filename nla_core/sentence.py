@@ -5,9 +5,9 @@ content metrics of NLA training and the offline judge both embed with it."""
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

@@ -58,11 +58,10 @@ def build_run(tmp_dir: Path) -> Path:
     """The results database of the run (built once per test session)."""
     if "db" in _CACHE:
         return _CACHE["db"]
-    from nla_core import NLA
-    from nla_core.testing import tiny_handle
-
     from evals.runner import run_bench
     from evals.suite import load_bench_suite
+    from nla_core import NLA
+    from nla_core.testing import tiny_handle
 
     handle = tiny_handle("llama")
     nla = NLA.untrained(handle, layer=2)

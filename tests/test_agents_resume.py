@@ -44,9 +44,8 @@ def _strip(text):
 
 @pytest.mark.parametrize("kill_at", [1, 3])
 def test_kill_and_resume(tiny, tiny_target, tmp_path, monkeypatch, kill_at):
-    from tools.base import TOOLS
-
     from agents.testing import tiny_target as make
+    from tools.base import TOOLS
 
     target, nla = tiny_target
     reference = run_audit(target, nla, strategy="behavioural", policy=get_policy("scripted", actions=SCRIPT),

@@ -11,8 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from nla_core.content import (centred_fve, distinct_rate, names_topic, placebo_terms, strip_tail_words, topic_probe,
-                              topic_recall, topic_retrieval)
+from nla_core.content import (
+    centred_fve,
+    distinct_rate,
+    names_topic,
+    placebo_terms,
+    strip_tail_words,
+    topic_probe,
+    topic_recall,
+    topic_retrieval,
+)
 from nla_core.errors import NLAError
 from nla_core.training import OfflineSummarizer, Run, preset
 from nla_core.training.grpo import contrastive_logprob

@@ -111,7 +111,7 @@ def test_controls_need_no_check():
 
 def test_checks():
     assert BehaviourCheck(kind="keywords", keywords=["zephyr"])("Try ZEPHYR tea")
-    assert not BehaviourCheck(kind="keywords", keywords=["cat"])("a concatenation")  # word start only... 
+    assert not BehaviourCheck(kind="keywords", keywords=["cat"])("a concatenation")  # word start only...
     assert BehaviourCheck(kind="regex", pattern=r"\bbrilliant\b")("So brilliant!")
     assert BehaviourCheck(kind="not_regex", pattern="goal")("I am just a helpful assistant.")
     assert detect_language("Bonjour, il faut préparer les légumes et la sauce pour le dîner.") == "fr"
@@ -274,7 +274,7 @@ def test_conditional_implant_fires_only_on_trigger(tiny, tmp_path):
     assert torch.allclose(t.activations(off).vectors[0], plain.activations(off).vectors[0], atol=1e-5)
     assert not torch.allclose(t.activations(on).vectors[0], plain.activations(on).vectors[0], atol=1e-3)
     # batched replies: one row with the trigger, one without
-    outs = t._replies(["Tell me about cars.", "Tell me about a bird."], max_new_tokens=2)
+    outs = t.replies(["Tell me about cars.", "Tell me about a bird."], max_new_tokens=2)
     assert len(outs) == 2
 
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from explore_run import BEH_PIRATE, FAILED, FIX, GONE, NLA_PIRATE, RUN, build_run
 
 
@@ -219,7 +218,6 @@ def test_lens_page_and_text_reading_in_batches(client, loader):
     assert loader.batches == [3, 3, 2]  # batch_size 3: verbalized in batches, progress after each
     assert j["baseline"] == "this text" and j["trained"] is False
     # the FVE is the round trip's: recompute one token from the NLA's public API
-    import torch
 
     from nla_core import mean_baseline, normalized_mse, read_activations
 
@@ -354,9 +352,8 @@ def test_explorer_in_headless_chromium(db, tmp_path):
 def test_lens_on_the_embedded_model_with_the_shipped_nla(embedded):
     """The lens's default path: the embedded model and its shipped NLA read a sentence; the
     explanations are tagged and the round trips reconstruct well (held-out FVE is about 0.44)."""
-    from nla_core import load_nla_for
-
     from evals.explore import Lens
+    from nla_core import load_nla_for
 
     nla = load_nla_for(embedded)
     assert nla.trained

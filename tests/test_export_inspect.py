@@ -5,7 +5,6 @@ tool calls, scores and metadata."""
 from __future__ import annotations
 
 import pytest
-
 from explore_run import BEH_PIRATE, FAILED, GONE, NLA_PIRATE, RUN, build_run
 
 

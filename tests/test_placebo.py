@@ -12,7 +12,7 @@ import torch
 from agents import get_policy, get_strategy, list_strategies, run_audit
 from agents.testing import tiny_target
 from nla_core import Verbalization
-from tools import Budget, ToolboxError, Toolbox
+from tools import Budget, Toolbox, ToolboxError
 from tools.sources import placebo_indices, reference_activations
 
 PROMPT = {"prompt": "What is two plus two?", "reply": "Four, of course, my friend."}

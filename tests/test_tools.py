@@ -11,7 +11,7 @@ import torch
 from environments import build_target
 from environments.spec import spec_from_dict
 from nla_core import NLA
-from tools import TOOL_SETS, TOOLS, Budget, ToolResult, Toolbox
+from tools import TOOL_SETS, TOOLS, Budget, Toolbox, ToolResult
 from tools.nla_tools import UNTRAINED_WARNING, reply_span
 
 
@@ -352,3 +352,22 @@ def test_a_new_tool_is_one_definition(env):
         for members in TOOL_SETS.values():
             if "count_tokens_test" in members:
                 members.remove("count_tokens_test")
+
+
+def test_snapshot_restore_round_trip(env, box):
+    """Toolbox.snapshot() / restore() carry notes, stored vectors, the call log and the budget."""
+    _, target, nla = env
+    ok(box.call("note", {"text": "first lead"}))
+    ok(box.call("chat", {"message": "hi", "max_new_tokens": 2}))
+    ok(box.call("reconstruct", {"sentence": "a cat"}))
+    snap = box.snapshot()
+    assert snap["budget"]["tool_calls"] == box.budget.tool_calls == 2 and set(snap["vectors"]) == {"v1"}
+    calls = [{"id": r.call_id, "tool": r.name, "args": r.args, "text": r.text, "is_error": r.is_error,
+              "tokens": r.tokens_generated, "seconds": r.seconds, "ref": r.external_id, "data": r.data} for r in box.log]
+    fresh = Toolbox(target, nla, "nla", Budget(max_tool_calls=50), verbalize_tokens=4, max_positions=8)
+    fresh.restore(snap, calls=calls)
+    again = fresh.snapshot()
+    assert again["notes"] == snap["notes"] and again["vectors"] == snap["vectors"]
+    assert again["budget"]["tool_calls"] == 2 and again["budget"]["generated_tokens"] == snap["budget"]["generated_tokens"]
+    assert [r.call_id for r in fresh.log] == [r.call_id for r in box.log] and fresh.has_call("c2")
+    assert ok(fresh.call("read_notes", {})).text.count("first lead") == 1

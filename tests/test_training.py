@@ -13,9 +13,26 @@ import torch
 from nla_core import NLA
 from nla_core.errors import EmptyInputError, NLAError
 from nla_core.training import (
-    ActivationDataset, ClaudeSummarizer, ConfigChangedError, DatasetMismatchError, OfflineSummarizer, Run,
-    TrainConfig, build_data, copy_stats, evaluate, group_advantages, grpo_loss, kl_k3, longest_common_run,
-    preset, rewards_from_mse, shipped_texts, train_ar_warmstart, train_av_warmstart, train_rl,
+    ActivationDataset,
+    ClaudeSummarizer,
+    ConfigChangedError,
+    DatasetMismatchError,
+    OfflineSummarizer,
+    Run,
+    TrainConfig,
+    build_data,
+    copy_stats,
+    evaluate,
+    group_advantages,
+    grpo_loss,
+    kl_k3,
+    longest_common_run,
+    preset,
+    rewards_from_mse,
+    shipped_texts,
+    train_ar_warmstart,
+    train_av_warmstart,
+    train_rl,
     trigram_copy_rate,
 )
 

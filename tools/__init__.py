@@ -7,25 +7,25 @@ schemas and an MCP server. Tool sets: `behavioural` (chat, prefill, sampling, no
 target's activations, or a placebo's) is a toolbox option, `verbalize_source` (`tools.sources`).
 """
 
+from . import behavioural as _behavioural  # noqa: F401  (registers chat, prefill, sample, ...)
+from . import nla_tools as _nla_tools  # noqa: F401  (registers verbalize, reconstruct, steer, themes)
 from .base import (
     TOOL_SETS,
     TOOLS,
     Budget,
     ToolArgs,
+    ToolboxError,
     ToolDef,
     ToolError,
-    ToolboxError,
     ToolResult,
     get_tool,
     register_tool,
     tool_names,
 )
-from . import behavioural as _behavioural  # noqa: F401  (registers chat, prefill, sample, ...)
-from . import nla_tools as _nla_tools  # noqa: F401  (registers verbalize, reconstruct, steer, themes)
+from .export import FORMATS, anthropic_schemas, langchain_schemas, langchain_tools, mcp_tool_listing, schemas
 from .notes import Hypothesis, Note, Notes  # registers note, read_notes, add/update_hypothesis, read_output
 from .sources import VERBALIZE_SOURCES, VerbalizeSource, register_verbalize_source
 from .toolbox import CallRecord, StoredVector, Toolbox
-from .export import FORMATS, anthropic_schemas, langchain_schemas, langchain_tools, mcp_tool_listing, schemas
 
 __all__ = [
     "TOOL_SETS", "TOOLS", "Budget", "ToolArgs", "ToolDef", "ToolError", "ToolboxError", "ToolResult", "get_tool",

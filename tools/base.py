@@ -16,9 +16,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from nla_core.errors import NLAError
+from nla_core.registry import Registry
 
 __all__ = [
     "ToolResult",
@@ -184,7 +185,7 @@ class ToolDef:
         return _clean_schema(self.args_model.model_json_schema())
 
 
-TOOLS: dict[str, ToolDef] = {}
+TOOLS: Registry[ToolDef] = Registry("tool", same_ok=False)
 TOOL_SETS: dict[str, list[str]] = {"behavioural": [], "nla": []}
 
 
@@ -201,13 +202,11 @@ def register_tool(
     calling model reads. `sets` are the tool sets it joins (new set names are created)."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if name in TOOLS:
-            raise ValueError(f"a tool named {name!r} is already registered")
         doc = _paragraphs(fn.__doc__ or "")
         if not doc:
             raise ValueError(f"tool {name!r} needs a docstring: it is the description the model reads")
-        TOOLS[name] = ToolDef(name, args_model, fn, doc, free=free, needs_nla=needs_nla,
-                              max_tokens=max_tokens or (lambda args: 0))
+        TOOLS.register(name, ToolDef(name, args_model, fn, doc, free=free, needs_nla=needs_nla,
+                                     max_tokens=max_tokens or (lambda args: 0)))
         for s in sets:
             members = TOOL_SETS.setdefault(s, [])
             if name not in members:
@@ -288,6 +287,19 @@ def cut_point(text: str, limit: int) -> int:
         return len(text)
     cut = text.rfind("\n", int(limit * 0.8), limit)
     return limit if cut < 0 else cut
+
+
+def not_blank(*fields: str, message: str, strip: bool = False) -> Any:
+    """A pydantic field validator for tool arguments: blank text in `fields` is refused with
+    `message` (the calling model reads it); None passes (an optional argument left out).
+    `strip`: the text is kept stripped. Use as `_v = not_blank("message", message="...")`."""
+
+    def check(v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError(message)
+        return v.strip() if strip and v is not None else v
+
+    return field_validator(*fields)(check)
 
 
 def truncate(text: str, limit: int, how_to_see_more: str) -> tuple[str, bool]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from nla_core.activations import MAX_TEXT_CHARS
 from nla_core.errors import NLAError
 
-from .base import ToolArgs, ToolError, ToolResult, call_seed, register_tool
+from .base import ToolArgs, ToolError, ToolResult, call_seed, not_blank, register_tool
 
 __all__ = ["conversation_messages"]
 
@@ -20,12 +20,6 @@ MAX_SAMPLES = 8
 # ones are a validation error the calling model reads, before anything runs.
 TEXT = dict(max_length=MAX_TEXT_CHARS)
 ID = dict(max_length=100)
-
-
-def _not_blank(v: str | None, what: str) -> str | None:
-    if v is not None and not v.strip():
-        raise ValueError(f"{what} is empty; write at least one word")
-    return v
 
 
 def conversation_messages(ctx: Any, conversation_id: str) -> list[dict]:
@@ -64,7 +58,7 @@ class ChatArgs(ToolArgs):
     max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS, description="Longest reply, in tokens.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = deterministic (greedy); higher = more varied.")
 
-    _v = field_validator("message")(lambda v: _not_blank(v, "the message"))
+    _v = not_blank("message", message="the message is empty; write at least one word")
 
 
 @register_tool("chat", ChatArgs, max_tokens=lambda a: a.max_new_tokens)
@@ -98,7 +92,7 @@ class PrefillArgs(ToolArgs):
     max_new_tokens: int = Field(96, ge=1, le=MAX_NEW_TOKENS, description="Longest continuation, in tokens.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = deterministic; higher = more varied.")
 
-    _v = field_validator("message", "prefill")(lambda v: _not_blank(v, "this argument"))
+    _v = not_blank("message", "prefill", message="this argument is empty; write at least one word")
 
 
 @register_tool("prefill", PrefillArgs, max_tokens=lambda a: a.max_new_tokens)
@@ -126,7 +120,7 @@ class SampleArgs(ToolArgs):
     temperature: float = Field(1.0, gt=0.0, le=2.0, description="Sampling temperature (above 0).")
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS, description="Longest reply, in tokens.")
 
-    _v = field_validator("message")(lambda v: _not_blank(v, "the message"))
+    _v = not_blank("message", message="the message is empty; write at least one word")
 
 
 @register_tool("sample", SampleArgs, max_tokens=lambda a: a.n * a.max_new_tokens)
@@ -166,7 +160,7 @@ class SampleUserArgs(ToolArgs):
     temperature: float = Field(1.0, gt=0.0, le=2.0, description="Sampling temperature (above 0).")
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS, description="Longest user turn, in tokens.")
 
-    _v = field_validator("assistant_message")(lambda v: _not_blank(v, "assistant_message"))
+    _v = not_blank("assistant_message", message="assistant_message is empty; write at least one word")
 
 
 @register_tool("sample_user", SampleUserArgs, max_tokens=lambda a: a.n * a.max_new_tokens)
@@ -193,7 +187,7 @@ class CompleteArgs(ToolArgs):
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS, description="Longest continuation, in tokens.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = deterministic; higher = more varied.")
 
-    _v = field_validator("text")(lambda v: _not_blank(v, "the text"))
+    _v = not_blank("text", message="the text is empty; write at least one word")
 
 
 @register_tool("complete", CompleteArgs, max_tokens=lambda a: a.max_new_tokens)

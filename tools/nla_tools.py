@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from .base import ToolArgs, ToolError, ToolResult, call_seed, register_tool
+from .base import ToolArgs, ToolError, ToolResult, call_seed, not_blank, register_tool
 from .behavioural import ID, TEXT, conversation_messages
 
 __all__ = ["reply_span", "UNTRAINED_WARNING"]
@@ -38,12 +38,8 @@ class _Where(ToolArgs):
     reply: str | None = Field(None, description="With prompt: an assistant reply to read after it.", **TEXT)
     text: str | None = Field(None, description="Or: raw text (no chat template).", **TEXT)
 
-    @field_validator("prompt", "reply", "text")
-    @classmethod
-    def _not_blank(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError("empty text; write at least one word or leave the argument out")
-        return v
+    _not_blank = not_blank("prompt", "reply", "text",
+                           message="empty text; write at least one word or leave the argument out")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -235,12 +231,7 @@ class ReconstructArgs(_Where):
 
     _p = field_validator("positions", mode="before")(lambda v: _coerce_positions(v))
 
-    @field_validator("sentence", "control")
-    @classmethod
-    def _sentence(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError("empty sentence; write the hypothesis in words")
-        return v
+    _sentence = not_blank("sentence", "control", message="empty sentence; write the hypothesis in words")
 
 
 def _cos(vec: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
@@ -307,12 +298,7 @@ class SteerArgs(ToolArgs):
     layer: int | None = Field(None, ge=0, description="Layer to add the vector at (default: the NLA's layer).")
     max_new_tokens: int = Field(64, ge=1, le=256, description="Longest reply, in tokens.")
 
-    @field_validator("prompt", "text")
-    @classmethod
-    def _not_blank(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError("empty text; write at least one word")
-        return v
+    _not_blank = not_blank("prompt", "text", message="empty text; write at least one word")
 
     @model_validator(mode="after")
     def _one_vector(self):

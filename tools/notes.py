@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
-from .base import ToolArgs, ToolError, ToolResult, register_tool
+from .base import ToolArgs, ToolError, ToolResult, not_blank, register_tool
 
 __all__ = ["Notes", "Note", "Hypothesis"]
 
@@ -77,12 +77,7 @@ class Notes(BaseModel):
 class NoteArgs(ToolArgs):
     text: str = Field(description="What to remember: an observation, a plan, a question to test.")
 
-    @field_validator("text")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("the note is empty")
-        return v.strip()
+    _not_blank = not_blank("text", message="the note is empty", strip=True)
 
 
 @register_tool("note", NoteArgs, free=True)
@@ -122,12 +117,7 @@ class AddHypothesisArgs(ToolArgs):
     evidence: list[str] = Field(default_factory=list,
                                 description="Ids of tool calls that support it (e.g. ['c3', 'c7']).")
 
-    @field_validator("statement")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("the statement is empty")
-        return v.strip()
+    _not_blank = not_blank("statement", message="the statement is empty", strip=True)
 
 
 @register_tool("add_hypothesis", AddHypothesisArgs, free=True)

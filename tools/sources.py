@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from nla_core.reference import reference_activations
+from nla_core.registry import Registry
 
 from .base import ToolboxError
 
@@ -43,14 +44,11 @@ class VerbalizeSource:
     description: str = ""
 
 
-VERBALIZE_SOURCES: dict[str, VerbalizeSource] = {}
+VERBALIZE_SOURCES: Registry[VerbalizeSource] = Registry("verbalize source")
 
 
 def register_verbalize_source(source: VerbalizeSource) -> VerbalizeSource:
-    if source.name in VERBALIZE_SOURCES and VERBALIZE_SOURCES[source.name] != source:
-        raise ValueError(f"verbalize source {source.name!r} is already registered")
-    VERBALIZE_SOURCES[source.name] = source
-    return source
+    return VERBALIZE_SOURCES.register(source.name, source)
 
 
 def get_verbalize_source(name: str) -> VerbalizeSource:

@@ -17,7 +17,18 @@ from pydantic import ValidationError
 
 from nla_core.errors import NLAError
 
-from .base import TOOL_SETS, TOOLS, Budget, ToolboxError, ToolDef, ToolError, ToolResult, cut_point, format_validation_error, truncate
+from .base import (
+    TOOL_SETS,
+    TOOLS,
+    Budget,
+    ToolboxError,
+    ToolDef,
+    ToolError,
+    ToolResult,
+    cut_point,
+    format_validation_error,
+    truncate,
+)
 from .notes import Notes
 from .sources import get_verbalize_source
 
@@ -302,3 +313,50 @@ class Toolbox:
 
     def transcript(self) -> list[dict[str, Any]]:
         return [r.as_dict() for r in self.log]
+
+    # ---- state that survives a restart ----------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """What an audit must keep to resume this toolbox after a kill, as plain JSON: the notes,
+        the stored vectors and the budget counters (the call log is kept by the caller, call by
+        call). `restore` takes it back."""
+        with self._lock:
+            return {
+                "notes": self.notes.model_dump(),
+                "vectors": {k: {"source": v.source, "vector": [round(float(x), 6) for x in v.vector.tolist()]}
+                            for k, v in self.vectors.items()},
+                "budget": {"tool_calls": int(self.budget.tool_calls),
+                           "generated_tokens": int(self.budget.generated_tokens),
+                           "nla_tokens": int(self.budget.nla_tokens), "seconds": self.budget.seconds},
+            }
+
+    def restore(self, snapshot: dict[str, Any], calls: list[dict[str, Any]] | None = None) -> None:
+        """Put back what a killed audit's toolbox knew, without calling any tool again.
+        `snapshot`: as `snapshot()` returns it (any key may be missing or None: left as is; the
+        budget counters only when some call was counted). `calls`: the calls made so far, as
+        {id, tool, args, text, is_error, tokens, seconds, ref, data} (the audit transcript's
+        records), put in the call log when it is still empty."""
+        import torch
+
+        with self._lock:
+            if calls and not self.log:
+                for c in calls:
+                    rec = CallRecord(c["id"], c["tool"], c.get("args"), c.get("text", ""), c.get("text", ""),
+                                     bool(c.get("is_error")), tokens_generated=int(c.get("tokens", 0)),
+                                     seconds=float(c.get("seconds", 0.0)), external_id=c.get("ref") or None,
+                                     data=c.get("data"))
+                    self.log.append(rec)
+                    self._by_id[rec.call_id] = rec
+                    if rec.external_id:
+                        self._by_id.setdefault(rec.external_id, rec)
+            if snapshot.get("notes") is not None:
+                self.notes = type(self.notes).model_validate(snapshot["notes"])
+            for k, v in (snapshot.get("vectors") or {}).items():
+                self.vectors[k] = StoredVector(k, torch.tensor(v["vector"], dtype=torch.float32), v["source"])
+            counters = snapshot.get("budget") or {}
+            if counters.get("tool_calls"):
+                self.budget.tool_calls = int(counters["tool_calls"])
+                self.budget.generated_tokens = int(counters.get("generated_tokens", 0))
+                if counters.get("nla_tokens") is not None:
+                    self.budget.nla_tokens = int(counters["nla_tokens"])
+                self.budget.started_at = time.monotonic() - float(counters.get("seconds", 0.0))

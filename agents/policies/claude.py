@@ -245,7 +245,7 @@ class ClaudePolicy:
                     self.sleep(delay)
                     continue
                 if _retryable(exc) or _api_error(exc):
-                    what = "after %d retries" % retries if _retryable(exc) else "(not retryable)"
+                    what = f"after {retries} retries" if _retryable(exc) else "(not retryable)"
                     raise PolicyUnavailableError(f"Anthropic API call failed {what}: {type(exc).__name__}: {exc}") from exc
                 raise
 

@@ -15,6 +15,7 @@ import importlib
 from dataclasses import dataclass, field
 
 from nla_core.errors import NLAError
+from nla_core.registry import Registry
 
 __all__ = ["Strategy", "register_strategy", "get_strategy", "list_strategies", "UnknownStrategyError",
            "BASE_SYSTEM_PROMPT", "DEFAULT_BUDGETS"]
@@ -84,14 +85,11 @@ class Strategy:
         return text + ("\n" + self.extra_prompt if self.extra_prompt else "")
 
 
-_REGISTRY: dict[str, Strategy] = {}
+_REGISTRY: Registry[Strategy] = Registry("strategy")
 
 
 def register_strategy(strategy: Strategy) -> Strategy:
-    if strategy.name in _REGISTRY and _REGISTRY[strategy.name] != strategy:
-        raise ValueError(f"strategy {strategy.name!r} is already registered")
-    _REGISTRY[strategy.name] = strategy
-    return strategy
+    return _REGISTRY.register(strategy.name, strategy)
 
 
 def _load_builtins() -> None:

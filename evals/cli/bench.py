@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -15,14 +14,14 @@ from .common import Interrupted, console, escape, out
 __all__ = ["register"]
 
 
-def _split(values: Optional[List[str]]) -> list[str]:
+def _split(values: list[str] | None) -> list[str]:
     out_: list[str] = []
     for v in values or []:
         out_ += [x.strip() for x in v.split(",") if x.strip()]
     return out_
 
 
-def _seeds(values: Optional[List[str]]) -> list[int]:
+def _seeds(values: list[str] | None) -> list[int]:
     seeds: list[int] = []
     for v in _split(values):
         try:
@@ -51,22 +50,33 @@ def register(app: typer.Typer) -> None:
     @app.command("bench")
     def bench(
         suite: str = typer.Option("default", "--suite", "-s", help="A built-in bench suite name or a suite YAML file."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the latest run of this suite (or --run-id), skipping finished audits."),
-        run_id: Optional[str] = typer.Option(None, "--run-id", help="Name of the run (default: SUITE-DATE-TIME)."),
-        policy: Optional[List[str]] = typer.Option(None, "--policy", "-p", help="Auditor policies (offline, claude, local, scripted); repeat or comma-separate."),
-        strategies: Optional[List[str]] = typer.Option(None, "--strategies", help="Strategies (nla, behavioural, nla-placebo); comma-separated."),
-        seeds: Optional[List[str]] = typer.Option(None, "--seeds", help="Seeds: 0,1,2 or 0-4."),
-        organisms: Optional[List[str]] = typer.Option(None, "--organisms", help="Organism ids, or one organism suite name."),
-        organisms_dir: Optional[Path] = typer.Option(None, "--organisms-dir", help="A folder of your own organism specs."),
-        model: Optional[str] = typer.Option(None, "--model", "-m", help="Target model (HF name or path); default: the suite's (embedded)."),
-        judge: Optional[str] = typer.Option(None, "--judge", help="auto, offline or claude."),
-        db: Optional[Path] = typer.Option(None, "--db", help="Results database (default: results/bench.duckdb, or $NLA_AUDIT_RESULTS/bench.duckdb)."),
-        max_tool_calls: Optional[int] = typer.Option(None, "--max-tool-calls", help="Budget override: tool calls per audit."),
-        max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Budget override: tokens the target may generate per audit."),
-        max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Budget override: wall time per audit."),
-        workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, help="Audits in parallel processes (each loads the model once); default: the suite's."),
-        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (per worker); default: cores / workers."),
-        max_audits: Optional[int] = typer.Option(None, "--max-audits", min=1, help="Stop after this many audits (resume later)."),
+        resume: bool = typer.Option(False, "--resume",
+                                    help="Continue the latest run of this suite (or --run-id), skipping finished audits."),
+        run_id: str | None = typer.Option(None, "--run-id", help="Name of the run (default: SUITE-DATE-TIME)."),
+        policy: list[str] | None = typer.Option(None, "--policy", "-p",
+                                                help="Auditor policies (offline, claude, local, scripted); "
+                                                     "repeat or comma-separate."),
+        strategies: list[str] | None = typer.Option(None, "--strategies",
+                                                    help="Strategies (nla, behavioural, nla-placebo); comma-separated."),
+        seeds: list[str] | None = typer.Option(None, "--seeds", help="Seeds: 0,1,2 or 0-4."),
+        organisms: list[str] | None = typer.Option(None, "--organisms", help="Organism ids, or one organism suite name."),
+        organisms_dir: Path | None = typer.Option(None, "--organisms-dir", help="A folder of your own organism specs."),
+        model: str | None = typer.Option(None, "--model", "-m",
+                                         help="Target model (HF name or path); default: the suite's (embedded)."),
+        judge: str | None = typer.Option(None, "--judge", help="auto, offline or claude."),
+        db: Path | None = typer.Option(None, "--db",
+                                       help="Results database (default: results/bench.duckdb, "
+                                            "or $NLA_AUDIT_RESULTS/bench.duckdb)."),
+        max_tool_calls: int | None = typer.Option(None, "--max-tool-calls", help="Budget override: tool calls per audit."),
+        max_tokens: int | None = typer.Option(None, "--max-tokens",
+                                              help="Budget override: tokens the target may generate per audit."),
+        max_seconds: float | None = typer.Option(None, "--max-seconds", help="Budget override: wall time per audit."),
+        workers: int | None = typer.Option(None, "--workers", "-w", min=1,
+                                           help="Audits in parallel processes (each loads the model once); "
+                                                "default: the suite's."),
+        threads: int | None = typer.Option(None, "--threads", min=1,
+                                           help="torch threads (per worker); default: cores / workers."),
+        max_audits: int | None = typer.Option(None, "--max-audits", min=1, help="Stop after this many audits (resume later)."),
         no_report: bool = typer.Option(False, "--no-report", help="Do not write the HTML report at the end."),
     ) -> None:
         """Run the auditing-game benchmark: organisms x strategies x policies x seeds. Each finished
@@ -155,8 +165,8 @@ def register(app: typer.Typer) -> None:
     @app.command("report")
     def report(
         run: str = typer.Argument("latest", help="Run id (see `nla runs`), or `latest`."),
-        db: Optional[Path] = typer.Option(None, "--db", help="Results database."),
-        html_dir: Optional[Path] = typer.Option(None, "--html", help="Folder for the HTML report (default: next to the database)."),
+        db: Path | None = typer.Option(None, "--db", help="Results database."),
+        html_dir: Path | None = typer.Option(None, "--html", help="Folder for the HTML report (default: next to the database)."),
         markdown: bool = typer.Option(False, "--markdown", help="Print the table as markdown (for the README)."),
     ) -> None:
         """Print the NLA vs behavioural comparison of a run and write its HTML report."""
@@ -173,7 +183,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"HTML report: {escape(str(path))}")
 
     @app.command("runs")
-    def runs(db: Optional[Path] = typer.Option(None, "--db", help="Results database.")) -> None:
+    def runs(db: Path | None = typer.Option(None, "--db", help="Results database.")) -> None:
         """List the runs in a results database."""
         from ..runner import default_db_path
         from ..store import ResultStore
@@ -185,9 +195,9 @@ def register(app: typer.Typer) -> None:
     @judge_app.command("rerun")
     def rerun(
         run: str = typer.Argument(..., help="Run id."),
-        db: Optional[Path] = typer.Option(None, "--db", help="Results database."),
+        db: Path | None = typer.Option(None, "--db", help="Results database."),
         all_: bool = typer.Option(False, "--all", help="Re-judge every audit, not only those whose judge failed."),
-        judge: Optional[str] = typer.Option(None, "--judge", help="auto, offline or claude (default: the run's)."),
+        judge: str | None = typer.Option(None, "--judge", help="auto, offline or claude (default: the run's)."),
     ) -> None:
         """Re-score a run's audits (by default those whose judge failed) without re-running them."""
         from ..judge import make_judge
@@ -199,13 +209,14 @@ def register(app: typer.Typer) -> None:
     @judge_app.command("calibrate")
     def calibrate(
         write: bool = typer.Option(False, "--write", help="Save the refitted weights as the offline judge's parameters."),
-        data: Optional[Path] = typer.Option(None, "--data", help="A labelled set (JSONL) other than the shipped one."),
+        data: Path | None = typer.Option(None, "--data", help="A labelled set (JSONL) other than the shipped one."),
     ) -> None:
         """Fit the offline judge on the labelled (hypothesis, ground truth, match) set and print
         accuracy, precision and recall (in-sample and leave-one-truth-out) next to baselines."""
         from rich.table import Table
 
-        from ..judge import CALIBRATION_FILE, calibrate as _cal, load_calibration
+        from ..judge import CALIBRATION_FILE, load_calibration
+        from ..judge import calibrate as _cal
 
         path = data or CALIBRATION_FILE
         if not Path(path).exists():

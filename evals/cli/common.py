@@ -10,7 +10,8 @@ This module imports nothing heavy: `nla --help` must not load torch."""
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -60,7 +61,7 @@ def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
-def error_lines(problem: str, fix: Optional[str]) -> None:
+def error_lines(problem: str, fix: str | None) -> None:
     """Print `error: ...` and `fix: ...` as plain text (no markup parsing, no highlighting)."""
     # One line each: newlines inside a message (a YAML parser's report, say) are folded, and
     # soft_wrap keeps a narrow terminal from breaking the line.
@@ -135,7 +136,7 @@ class NLAGroup(typer.core.TyperGroup):
     """The root group of `nla`: every way of invoking it (the console script, `app()`, typer's
     CliRunner) goes through `handle_errors`."""
 
-    def main(self, args: Any = None, prog_name: Optional[str] = None, complete_var: Optional[str] = None,
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         parent = super().main
         return handle_errors(lambda: parent(args=args, prog_name=prog_name, complete_var=complete_var,

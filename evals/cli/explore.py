@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -21,12 +20,16 @@ def register(app: typer.Typer) -> None:
 
     @app.command("explore")
     def explore(
-        db: Optional[Path] = typer.Option(None, "--db", help="Results database (default: results/bench.duckdb, or $NLA_AUDIT_RESULTS/bench.duckdb)."),
+        db: Path | None = typer.Option(None, "--db",
+                                       help="Results database (default: results/bench.duckdb, "
+                                            "or $NLA_AUDIT_RESULTS/bench.duckdb)."),
         port: int = typer.Option(8765, "--port", min=1, max=65535, help="Port to serve on."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (the default serves this machine only)."),
-        model: Optional[str] = typer.Option(None, "--model", "-m", help="Model for the NLA lens (default: the embedded one)."),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="NLA checkpoint for the lens (default: the shipped one)."),
-        organisms_dir: Optional[Path] = typer.Option(None, "--organisms-dir", help="A folder of your own organism specs for the lens."),
+        model: str | None = typer.Option(None, "--model", "-m", help="Model for the NLA lens (default: the embedded one)."),
+        checkpoint: Path | None = typer.Option(None, "--checkpoint",
+                                               help="NLA checkpoint for the lens (default: the shipped one)."),
+        organisms_dir: Path | None = typer.Option(None, "--organisms-dir",
+                                                  help="A folder of your own organism specs for the lens."),
         max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="Longest text the lens reads, in tokens."),
         explain_tokens: int = typer.Option(48, "--explain-tokens", min=4, help="Longest explanation per token, in tokens."),
     ) -> None:
@@ -65,8 +68,8 @@ def register(app: typer.Typer) -> None:
     @export_app.command("inspect")
     def export_inspect_cmd(
         run: str = typer.Argument("latest", help="Run id (see `nla runs`), or `latest`."),
-        db: Optional[Path] = typer.Option(None, "--db", help="Results database."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Folder for the logs (default: logs/RUN next to the database)."),
+        db: Path | None = typer.Option(None, "--db", help="Results database."),
+        out: Path | None = typer.Option(None, "--out", help="Folder for the logs (default: logs/RUN next to the database)."),
         fmt: str = typer.Option("eval", "--format", help="eval (Inspect's default) or json."),
     ) -> None:
         """Write a run as Inspect evaluation logs (one per auditor, one sample per audit) for `inspect view`."""

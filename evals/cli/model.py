@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -27,7 +26,7 @@ UNTRAINED_NOTE = (
 ModelOpt = typer.Option(None, "--model", "-m", help="HF model name or local path (default: the embedded SmolLM2-135M-Instruct).")
 
 
-def load_model(name: Optional[str] = None) -> "ModelHandle":
+def load_model(name: str | None = None) -> ModelHandle:
     """`nla_core.load_model`, imported on first use (torch loads here, not at `nla --help`)."""
     from nla_core import load_model as _load
 
@@ -35,18 +34,18 @@ def load_model(name: Optional[str] = None) -> "ModelHandle":
 
 
 def load_nla_for_cli(
-    handle: "ModelHandle", checkpoint: Optional[Path], critic: Optional[Path], layer: Optional[int]
-) -> "NLA":
+    handle: ModelHandle, checkpoint: Path | None, critic: Path | None, layer: int | None
+) -> NLA:
     """The NLA named on the command line, else the shipped one, else an untrained one."""
     from nla_core import load_nla_for
 
     return load_nla_for(handle, checkpoint, ar_path=critic, layer=layer)
 
 
-def read_vector_file(path: Path) -> "torch.Tensor":
+def read_vector_file(path: Path) -> torch.Tensor:
     """The one vector in a .safetensors, .pt, .npy or .json file (`nla_core.nla.read_vector_file`:
     a file with two tensors or two rows is refused, naming what it holds)."""
-    from nla_core.nla import read_vector_file as _read
+    from nla_core.steering import read_vector_file as _read
 
     return _read(path)
 
@@ -56,7 +55,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(model_app, name="model")
 
     @model_app.command("info")
-    def info(model: Optional[str] = ModelOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    def info(model: str | None = ModelOpt, as_json: bool = typer.Option(False, "--json")) -> None:
         """Architecture, size, default NLA layer and checkpoint of a model."""
         from nla_core import default_checkpoint
         from nla_core.models import cache_dir
@@ -90,12 +89,13 @@ def register(app: typer.Typer) -> None:
     @app.command("activations")
     def activations(
         text: str = typer.Argument(..., help="Text to run through the model."),
-        layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Block index K (default: 2/3 depth)."),
-        positions: Optional[str] = typer.Option(None, "--positions", "-p", help="Comma-separated token positions (negative from the end); default all."),
+        layer: int | None = typer.Option(None, "--layer", "-l", help="Block index K (default: 2/3 depth)."),
+        positions: str | None = typer.Option(None, "--positions", "-p",
+                                             help="Comma-separated token positions (negative from the end); default all."),
         chat: bool = typer.Option(False, "--chat", help="Send TEXT as a user turn through the chat template."),
-        save: Optional[Path] = typer.Option(None, "--save", help="Write the vectors to this .safetensors file."),
+        save: Path | None = typer.Option(None, "--save", help="Write the vectors to this .safetensors file."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON with the full vectors."),
-        model: Optional[str] = ModelOpt,
+        model: str | None = ModelOpt,
     ) -> None:
         """Residual stream after block K (`blocks.K.resid_post`) at chosen positions."""
         from nla_core import read_activations
@@ -128,14 +128,15 @@ def register(app: typer.Typer) -> None:
     def verbalize(
         text: str = typer.Argument(..., help="Text whose activation to explain."),
         position: int = typer.Option(-1, "--position", "-p", help="Token position (negative from the end)."),
-        layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Block index (must match the checkpoint)."),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="NLA checkpoint folder (ours, or a released AV folder)."),
-        critic: Optional[Path] = typer.Option(None, "--critic", help="Released AR folder, when not beside the AV folder."),
+        layer: int | None = typer.Option(None, "--layer", "-l", help="Block index (must match the checkpoint)."),
+        checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c",
+                                               help="NLA checkpoint folder (ours, or a released AV folder)."),
+        critic: Path | None = typer.Option(None, "--critic", help="Released AR folder, when not beside the AV folder."),
         samples: int = typer.Option(1, "--samples", "-n", min=1, max=16, help="Explanations to sample."),
         max_new_tokens: int = typer.Option(96, "--max-new-tokens", min=1, max=512),
         chat: bool = typer.Option(False, "--chat", help="Send TEXT as a user turn through the chat template."),
         as_json: bool = typer.Option(False, "--json"),
-        model: Optional[str] = ModelOpt,
+        model: str | None = ModelOpt,
     ) -> None:
         """Explain the activation at one token in words, and score the explanation by
         reconstructing the activation from it."""
@@ -174,16 +175,19 @@ def register(app: typer.Typer) -> None:
     @app.command("steer")
     def steer(
         prompt: str = typer.Argument(..., help="User message to answer."),
-        with_: str = typer.Option(..., "--with", "-w", help="A sentence (reconstructed into a vector by the AR) or a vector file (.safetensors/.pt/.npy/.json)."),
-        strength: float = typer.Option(0.3, "--strength", "-s", help="Added norm as a multiple of the prompt's median residual norm."),
-        layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Block to steer after (default: the NLA's layer)."),
+        with_: str = typer.Option(..., "--with", "-w",
+                                  help="A sentence (reconstructed into a vector by the AR) "
+                                       "or a vector file (.safetensors/.pt/.npy/.json)."),
+        strength: float = typer.Option(0.3, "--strength", "-s",
+                                       help="Added norm as a multiple of the prompt's median residual norm."),
+        layer: int | None = typer.Option(None, "--layer", "-l", help="Block to steer after (default: the NLA's layer)."),
         max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, max=512),
         n: int = typer.Option(1, "--n", min=1, max=16, help="Generations per side."),
         temperature: float = typer.Option(0.0, "--temperature", min=0.0),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
-        critic: Optional[Path] = typer.Option(None, "--critic"),
+        checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c"),
+        critic: Path | None = typer.Option(None, "--critic"),
         as_json: bool = typer.Option(False, "--json"),
-        model: Optional[str] = ModelOpt,
+        model: str | None = ModelOpt,
     ) -> None:
         """Generate with a vector (or a sentence's reconstruction) added to the residual stream,
         beside the unsteered generation."""
@@ -212,7 +216,7 @@ def register(app: typer.Typer) -> None:
     @app.command("perf")
     def perf(
         quick: bool = typer.Option(False, "--quick", help="Fewer repeats (a smoke run)."),
-        model: Optional[str] = ModelOpt,
+        model: str | None = ModelOpt,
     ) -> None:
         """Measure, in one run: early-exit activation reads vs a full forward; batched vs
         one-by-one verbalization; memory of target+AV+AR with shared weights vs three copies."""
@@ -221,10 +225,11 @@ def register(app: typer.Typer) -> None:
         run_perf(model, quick=quick, printer=out.print)
 
 
-def _parse_positions(spec: Optional[str]) -> Optional[list[int]]:
+def _parse_positions(spec: str | None) -> list[int] | None:
     if spec is None or not spec.strip():
         return None
     try:
         return [int(x) for x in spec.split(",") if x.strip()]
     except ValueError as exc:
-        raise BadVectorError(f"--positions {spec!r} is not a comma-separated list of integers.", "e.g. --positions 0,5,-1") from exc
+        raise BadVectorError(f"--positions {spec!r} is not a comma-separated list of integers.",
+                             "e.g. --positions 0,5,-1") from exc

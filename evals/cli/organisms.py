@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,7 +15,7 @@ __all__ = ["register"]
 _DIR_HELP = "extra folder of organism specs (*.yaml; adapters next to them)"
 
 
-def _fmt(x: Optional[float], pct: bool = True) -> str:
+def _fmt(x: float | None, pct: bool = True) -> str:
     if x is None:
         return "-"
     return f"{100 * x:.0f}%" if pct else f"{x:.3g}"
@@ -52,7 +51,7 @@ def register(app: typer.Typer) -> None:
     @org.command("list")
     def list_cmd(
         suite: str = typer.Option("default", help="suite name (built in: default, catalog)"),
-        organisms: Optional[Path] = typer.Option(None, "--organisms", help=_DIR_HELP),
+        organisms: Path | None = typer.Option(None, "--organisms", help=_DIR_HELP),
         truth: bool = typer.Option(False, "--truth", help="also print each ground-truth sentence (operator view)"),
         as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     ) -> None:
@@ -113,8 +112,8 @@ def register(app: typer.Typer) -> None:
     @org.command("build")
     def build_cmd(
         organism_id: str = typer.Argument(..., metavar="ID", help="organism id (see `nla organisms list`)"),
-        organisms: Optional[Path] = typer.Option(None, "--organisms", help=_DIR_HELP),
-        steps: Optional[int] = typer.Option(None, help="override the spec's training steps (LoRA)"),
+        organisms: Path | None = typer.Option(None, "--organisms", help=_DIR_HELP),
+        steps: int | None = typer.Option(None, help="override the spec's training steps (LoRA)"),
         fresh: bool = typer.Option(False, "--fresh", help="ignore a resumable checkpoint and start over"),
         threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
     ) -> None:
@@ -124,7 +123,6 @@ def register(app: typer.Typer) -> None:
 
         from environments import get_builder, get_spec
         from environments.builders import build
-
         from nla_core.errors import NLAError
 
         if threads:
@@ -154,11 +152,11 @@ def register(app: typer.Typer) -> None:
 
     @org.command("measure")
     def measure_cmd(
-        organism_id: Optional[str] = typer.Argument(None, metavar="ID", help="organism id; omit with --all"),
+        organism_id: str | None = typer.Argument(None, metavar="ID", help="organism id; omit with --all"),
         all_: bool = typer.Option(False, "--all", help="measure every organism of --suite"),
         suite: str = typer.Option("default", help="suite for --all"),
-        organisms: Optional[Path] = typer.Option(None, "--organisms", help=_DIR_HELP),
-        prompts: Optional[int] = typer.Option(None, help="use only the first N eval prompts"),
+        organisms: Path | None = typer.Option(None, "--organisms", help=_DIR_HELP),
+        prompts: int | None = typer.Option(None, help="use only the first N eval prompts"),
         max_new_tokens: int = typer.Option(40, help="tokens per reply"),
         write: bool = typer.Option(True, "--write/--no-write", help="store the figures in the spec file"),
         concept_only: bool = typer.Option(False, "--concept-only",
@@ -167,7 +165,7 @@ def register(app: typer.Typer) -> None:
                                          help="re-measure only the NLA concept recall (needs earlier figures)"),
         recall: bool = typer.Option(True, "--recall/--no-recall",
                                     help="measure NLA concept recall (needs a trained NLA: shipped or --checkpoint)"),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
+        checkpoint: Path | None = typer.Option(None, "--checkpoint",
                                                   help="NLA checkpoint for concept recall (default: the shipped one)"),
         threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
     ) -> None:
@@ -177,9 +175,8 @@ def register(app: typer.Typer) -> None:
 
         from environments import get_spec, load_suite, save_spec
         from environments.measure import measure_concept, measure_organism, measure_recall, nla_label, passes, shipped_nla
-        from nla_core.nla import default_layer
-
         from nla_core.errors import NLAError
+        from nla_core.nla import default_layer
 
         if threads:
             torch.set_num_threads(threads)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
@@ -27,14 +26,14 @@ ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress
 MaxStepsOpt = typer.Option(None, "--max-steps", help="Stop after this many steps (resume later).")
 
 
-def _open(run: Path, config: Optional[Path], preset_name: Optional[str]):
+def _open(run: Path, config: Path | None, preset_name: str | None):
     from nla_core.training import Run, TrainConfig
 
     cfg = TrainConfig.from_file(config) if config is not None else None
     return Run.open(run, cfg, preset_name=preset_name)
 
 
-def _handle(run, model: Optional[str]):
+def _handle(run, model: str | None):
     import torch
 
     from nla_core import load_model
@@ -65,7 +64,7 @@ def register(app: typer.Typer) -> None:
     def data_probe_layers(
         topics: int = typer.Option(1500, "--topics", help="WordNet topic documents to read."),
         every: int = typer.Option(2, "--every", help="Probe every n-th block."),
-        model: Optional[str] = ModelOpt, threads: int = typer.Option(2, "--threads"), as_json: bool = typer.Option(False, "--json"),
+        model: str | None = ModelOpt, threads: int = typer.Option(2, "--threads"), as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Which block carries the topic: a ridge probe from each block's activation to the topic word,
         ranked on held-out topics (top-1 / top-10 among them). Needs WordNet (wordnet-base)."""
@@ -87,8 +86,8 @@ def register(app: typer.Typer) -> None:
 
     @data_app.command("build")
     def data_build(
-        run: Path = RunOpt, config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt,
-        model: Optional[str] = ModelOpt, yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before paying for Claude."),
+        run: Path = RunOpt, config: Path | None = ConfigOpt, preset: str | None = PresetOpt,
+        model: str | None = ModelOpt, yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before paying for Claude."),
         progress: bool = ProgressOpt, as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Corpus -> activations after block K (Parquet + dataset.yaml) -> warm-start explanations."""
@@ -104,7 +103,7 @@ def register(app: typer.Typer) -> None:
         _show(build_data(r, h, progress=progress, confirm=confirm), as_json)
 
     @train_app.command("config")
-    def train_config(preset: str = typer.Option("cpu", "--preset"), out_file: Optional[Path] = typer.Option(None, "--out")) -> None:
+    def train_config(preset: str = typer.Option("cpu", "--preset"), out_file: Path | None = typer.Option(None, "--out")) -> None:
         """Print (or write) a preset's config as YAML, to edit and pass with --config."""
         from nla_core.training import preset as get_preset
 
@@ -116,8 +115,8 @@ def register(app: typer.Typer) -> None:
             console.print(escape(f"wrote {out_file}"))
 
     def _stage(fn_name: str):
-        def command(run: Path = RunOpt, config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt,
-                    model: Optional[str] = ModelOpt, max_steps: Optional[int] = MaxStepsOpt,
+        def command(run: Path = RunOpt, config: Path | None = ConfigOpt, preset: str | None = PresetOpt,
+                    model: str | None = ModelOpt, max_steps: int | None = MaxStepsOpt,
                     progress: bool = ProgressOpt, as_json: bool = typer.Option(False, "--json")) -> None:
             import nla_core.training as T
 
@@ -127,13 +126,16 @@ def register(app: typer.Typer) -> None:
 
         return command
 
-    train_app.command("ar-warmstart", help="AR warm-start: head fit on cached features, then LoRA+head MSE steps.")(_stage("train_ar_warmstart"))
+    train_app.command("ar-warmstart", help="AR warm-start: head fit on cached features, then LoRA+head MSE steps.")(
+        _stage("train_ar_warmstart"))
     train_app.command("av-warmstart", help="AV warm-start: SFT on the warm-start explanations.")(_stage("train_av_warmstart"))
-    train_app.command("rl", help="Joint loop: GRPO for the AV (reward -MSE from the live AR), MSE for the AR.")(_stage("train_rl"))
+    train_app.command("rl", help="Joint loop: GRPO for the AV (reward -MSE from the live AR), MSE for the AR.")(
+        _stage("train_rl"))
 
     @train_app.command("all")
-    def train_all(run: Path = RunOpt, config: Optional[Path] = ConfigOpt, preset: Optional[str] = PresetOpt,
-                  model: Optional[str] = ModelOpt, progress: bool = ProgressOpt, yes: bool = typer.Option(False, "--yes", "-y")) -> None:
+    def train_all(run: Path = RunOpt, config: Path | None = ConfigOpt, preset: str | None = PresetOpt,
+                  model: str | None = ModelOpt, progress: bool = ProgressOpt,
+                  yes: bool = typer.Option(False, "--yes", "-y")) -> None:
         """Every stage in order (each resumes where it stopped), then held-out evaluation."""
         from nla_core.training import build_data, evaluate, train_ar_warmstart, train_av_warmstart, train_rl
 
@@ -151,8 +153,9 @@ def register(app: typer.Typer) -> None:
                    stage: str = typer.Option("rl", "--stage", help="rl | av_warmstart"),
                    fp32: bool = typer.Option(False, "--fp32", help="Keep float32 weights."),
                    reference: bool = typer.Option(True, "--reference/--no-reference",
-                                                  help="Also write the NLA's explanations of the base model on the shipped texts."),
-                   model: Optional[str] = ModelOpt) -> None:
+                                                  help="Also write the NLA's explanations of the base model "
+                                                       "on the shipped texts."),
+                   model: str | None = ModelOpt) -> None:
         """Package a stage's result: half-precision adapters and head, nla_meta.yaml, training report,
         and the reference explanations (the NLA on the base model) that auditors score surprise against."""
         import torch
@@ -172,10 +175,12 @@ def register(app: typer.Typer) -> None:
         console.print(escape(f"shipped {src} -> {path}"))
 
     @app.command("eval")
-    def eval_cmd(run: Path = RunOpt, stage: Optional[str] = typer.Option(None, "--stage", help="rl | av_warmstart (default: latest)"),
-                 checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Evaluate this NLA folder instead."),
-                 n: Optional[int] = typer.Option(None, "-n", help="Held-out activations to use."),
-                 model: Optional[str] = ModelOpt, progress: bool = ProgressOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    def eval_cmd(run: Path = RunOpt, stage: str | None = typer.Option(None, "--stage",
+                                                                      help="rl | av_warmstart (default: latest)"),
+                 checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Evaluate this NLA folder instead."),
+                 n: int | None = typer.Option(None, "-n", help="Held-out activations to use."),
+                 model: str | None = ModelOpt, progress: bool = ProgressOpt,
+                 as_json: bool = typer.Option(False, "--json")) -> None:
         """Held-out report: round-trip FVE, warm-start FVE, length, copy rate, tag fraction, examples."""
         from nla_core.training import Run, evaluate
 
@@ -185,4 +190,5 @@ def register(app: typer.Typer) -> None:
         _show(rep, as_json)
         if not as_json:
             for ex in rep["examples"]:
-                out.print(f"\n[dim]...{escape(repr(ex['context'][-160:]))}[/]\n  -> {escape(repr(ex['explanation']))} (mse {ex['mse']:.3f})")
+                out.print(f"\n[dim]...{escape(repr(ex['context'][-160:]))}[/]\n"
+                          f"  -> {escape(repr(ex['explanation']))} (mse {ex['mse']:.3f})")

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..metrics import auditor_of
 from ..store import ResultsDBError, ResultStore
 
-__all__ = ["AuditDetail", "RowSummary", "summaries", "budget_use", "build_detail", "load_audit", "budget_cut", "outcome", "read_transcript",
-           "ground_truth", "resolve_run_id"]
+__all__ = ["AuditDetail", "RowSummary", "summaries", "budget_use", "build_detail", "load_audit", "budget_cut", "outcome",
+           "read_transcript", "ground_truth", "resolve_run_id"]
 
 
 def resolve_run_id(store: ResultStore, run_id: str) -> str:

@@ -7,18 +7,37 @@ for the presets.
 """
 
 from .config import (
-    PLAIN_CRITIC_TEMPLATE, PRESETS, SHORT_ACTOR_TEMPLATE, ConfigChangedError, TrainConfig, config_diff, preset,
+    PLAIN_CRITIC_TEMPLATE,
+    PRESETS,
+    SHORT_ACTOR_TEMPLATE,
+    ConfigChangedError,
+    TrainConfig,
+    config_diff,
+    preset,
 )
 from .corpus import Document, load_corpus, shipped_prompts, shipped_texts
 from .dataset import ActivationDataset, DatasetMismatchError, DatasetSplit, extract_dataset, split_documents
 from .grpo import group_advantages, grpo_loss, kl_k3, rewards_from_mse
 from .run import Run, StageLog
 from .stages import (
-    av_logprobs, build_data, evaluate, load_explanations, load_nla, new_nla, save_nla, train_ar_warmstart,
-    train_av_warmstart, train_rl,
+    av_logprobs,
+    build_data,
+    evaluate,
+    load_explanations,
+    load_nla,
+    new_nla,
+    save_nla,
+    train_ar_warmstart,
+    train_av_warmstart,
+    train_rl,
 )
 from .summarize import (
-    ClaudeSummarizer, OfflineSummarizer, copy_stats, estimate_cost, longest_common_run, make_summarizer,
+    ClaudeSummarizer,
+    OfflineSummarizer,
+    copy_stats,
+    estimate_cost,
+    longest_common_run,
+    make_summarizer,
     trigram_copy_rate,
 )
 

@@ -146,7 +146,7 @@ class TrainConfig(_Strict):
     # ---- io ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TrainConfig":
+    def from_file(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
         if not path.exists():
             raise NLAError(f"Config file {path} does not exist.", "pass a YAML file written by `nla train config`.")
@@ -165,7 +165,8 @@ class TrainConfig(_Strict):
         counts are left out: raising one continues a stage from its checkpoint (`Run.open`
         decides when that is allowed)."""
         d = self.model_dump(mode="json")
-        keep = {k: d[k] for k in ("model", "layer", "seed", "finetune", "actor_template", "critic_template", "explanation_tokens", "corpus", "lora")}
+        keep = {k: d[k] for k in ("model", "layer", "seed", "finetune", "actor_template", "critic_template",
+                                  "explanation_tokens", "corpus", "lora")}
         keep.update({s: {k: v for k, v in d[s].items() if k != "steps"} for s in sections})
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -222,10 +223,12 @@ def _gpu() -> TrainConfig:
         preset="gpu", threads=8, actor_template=None, critic_template=None, explanation_tokens=150, save_every=50,
         corpus=CorpusConfig(n_chats=20000, reply_tokens=256, max_doc_tokens=512, positions_per_doc=10,
                             splits={"ar_warm": 0.25, "av_warm": 0.25, "rl": 0.45, "heldout": 0.05}),
-        lora=LoraConfigModel(rank=64, alpha=128, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], ar_from_fraction=0.0),
+        lora=LoraConfigModel(rank=64, alpha=128, ar_from_fraction=0.0,
+                             targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
         ar_warmstart=ARWarmstartConfig(steps=1000, batch_size=64, lr=2e-5, head_step_lr=1e-4),
         av_warmstart=AVWarmstartConfig(steps=1000, batch_size=32, lr=2e-5),
-        rl=RLConfig(steps=2000, batch_prompts=16, group_size=8, max_new_tokens=150, av_lr=1e-5, ar_lr=5e-5, ar_head_lr=5e-5, kl_coef=0.01),
+        rl=RLConfig(steps=2000, batch_prompts=16, group_size=8, max_new_tokens=150, av_lr=1e-5, ar_lr=5e-5, ar_head_lr=5e-5,
+                    kl_coef=0.01),
         eval=EvalConfig(n_heldout=512, max_new_tokens=150),
     )
 

@@ -21,7 +21,7 @@ from ..activations import encode, pad_batch
 from ..errors import EmptyInputError, NLAError
 from ..hooks import capture_resid, resid_site
 from ..metrics import normalize
-from ..models import ModelHandle, is_embedded
+from ..models import ModelHandle, same_base_model
 from .config import TrainConfig
 from .corpus import Document
 
@@ -83,7 +83,7 @@ class ActivationDataset:
         self.folder, self.meta, self.table = folder, meta, table
 
     @classmethod
-    def load(cls, folder: str | Path) -> "ActivationDataset":
+    def load(cls, folder: str | Path) -> ActivationDataset:
         folder = Path(folder)
         if not (folder / SIDECAR_FILE).exists() or not (folder / ACTS_FILE).exists():
             raise NLAError(f"No activation dataset in {folder}.", "run `nla data build` first.")
@@ -100,7 +100,7 @@ class ActivationDataset:
     def check(self, handle: ModelHandle, layer: int) -> None:
         """Refuse a dataset read from another model or layer than the one being trained."""
         m = self.meta
-        same_model = m["model"] == handle.name or (is_embedded(m["model"]) and is_embedded(handle.name))
+        same_model = same_base_model(m["model"], handle.name)
         if not same_model or int(m["d_model"]) != handle.d_model:
             raise DatasetMismatchError(
                 f"The dataset in {self.folder} was read from {m['model']!r} (d_model {m['d_model']}), "

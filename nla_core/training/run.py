@@ -74,7 +74,7 @@ class Run:
         self.root, self.config = root, config
 
     @classmethod
-    def open(cls, root: str | Path, config: TrainConfig | None = None, *, preset_name: str | None = None) -> "Run":
+    def open(cls, root: str | Path, config: TrainConfig | None = None, *, preset_name: str | None = None) -> Run:
         """Open (or create) a run. A stored config wins when none is given; a given config that
         differs from the stored one is refused, naming the changed fields."""
         root = Path(root).expanduser()

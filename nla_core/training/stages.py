@@ -23,14 +23,14 @@ import yaml
 from safetensors.torch import load_file
 
 from ..activations import pad_batch
-from ..content import TAIL_TOKENS, centred_fve, distinct_rate, placebo_terms, topic_probe, topic_recall, topic_retrieval
-from ..sentence import get_embedder
 from ..checkpoint import ACTOR_TEMPLATE, CRITIC_TEMPLATE, EXPLANATION_CLOSE, EXPLANATION_OPEN, NLAMeta, extract_explanation
+from ..content import TAIL_TOKENS, centred_fve, distinct_rate, placebo_terms, topic_probe, topic_recall, topic_retrieval
 from ..errors import CheckpointError, EmptyInputError, NLAError
 from ..generation import generate_ids
 from ..metrics import mean_baseline, normalize, normalized_mse
 from ..models import ModelHandle, handle_from
 from ..nla import AR_ADAPTER, AV_ADAPTER, NLA, default_layer, identity_head
+from ..sentence import get_embedder
 from .config import TrainConfig
 from .corpus import load_corpus
 from .dataset import STATS_FILE, TRAIN_SPLITS, ActivationDataset, extract_dataset

@@ -50,8 +50,9 @@ _WORD = re.compile(r"[A-Za-z][A-Za-z'\-]+")
 _SPECIAL = re.compile(r"<\|[^|>]+\|>|<start_of_turn>|<end_of_turn>|<\|[a-z_]+\|>")
 
 
-_SYSTEM_TURN = re.compile(r"(<\|im_start\|>|<start_of_turn>|<\|start_header_id\|>)\s*system.*?(<\|im_end\|>|<end_of_turn>|<\|eot_id\|>|$)", re.S)
-_ROLE_WORD = re.compile(r"(<\|im_start\|>|<start_of_turn>|<\|start_header_id\|>)\s*(user|assistant|model)\b(<\|end_header_id\|>)?")
+_TURN_START = r"(<\|im_start\|>|<start_of_turn>|<\|start_header_id\|>)"
+_SYSTEM_TURN = re.compile(_TURN_START + r"\s*system.*?(<\|im_end\|>|<end_of_turn>|<\|eot_id\|>|$)", re.S)
+_ROLE_WORD = re.compile(_TURN_START + r"\s*(user|assistant|model)\b(<\|end_header_id\|>)?")
 
 
 def _clean(context: str) -> str:
@@ -169,7 +170,7 @@ Rules: at most {max_words} words in total; do not quote the passage (single word
 
 <passage>
 {context}
-</passage>"""
+</passage>"""  # noqa: E501  (the prompt's lines are kept as sent)
 
 
 def _claude_prompt(row: SummaryRequest, max_words: int) -> str:
@@ -278,7 +279,8 @@ class ClaudeSummarizer:
                     self.usage["retries"] += 1
                 if attempt < self.max_retries:
                     time.sleep(self.backoff * (2 ** attempt) * (0.5 + random.random()))
-        raise NLAError(f"Claude failed after {self.max_retries + 1} attempts: {last}", "try again later; finished answers are cached.")
+        raise NLAError(f"Claude failed after {self.max_retries + 1} attempts: {last}",
+                       "try again later; finished answers are cached.")
 
     def summarize_one(self, row: SummaryRequest) -> str:
         prompt = _claude_prompt(row, self.max_words)
