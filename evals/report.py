@@ -207,10 +207,10 @@ def _rate_bars(data: RunData, rows: list[dict], organisms: list[str], hit, ax) -
     ax.legend(fontsize=8)
 
 
-def _plot_detection(data: RunData, path: Path) -> bool:
-    """Detection rate per planted organism (controls have their own plot: a different
-    question). False when the run has no planted organism."""
-    rows = [r for r in data.rows if not r.get("control")]
+def _plot_rates(data: RunData, rows: list[dict], path: Path, hit, *, ylabel: str, title: str,
+                min_width: float, height: float) -> bool:
+    """One bar per organism and auditor of `rows`, the share of rated audits where `hit(row)`;
+    False (nothing drawn) without rows."""
     if not rows:
         return False
     import matplotlib
@@ -219,36 +219,30 @@ def _plot_detection(data: RunData, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     organisms = sorted({r["organism"] for r in rows})
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(organisms) * max(1, len(data.auditors)) / 2 + 2), 4.2))
-    _rate_bars(data, rows, organisms, lambda r: r["success"], ax)
-    ax.set_ylabel("detection rate (95% Wilson)")
-    ax.set_title("Detection on planted organisms (higher is better)", fontsize=10)
+    fig, ax = plt.subplots(figsize=(max(min_width, 1.1 * len(organisms) * max(1, len(data.auditors)) / 2 + 2), height))
+    _rate_bars(data, rows, organisms, hit, ax)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def _plot_detection(data: RunData, path: Path) -> bool:
+    """Detection rate per planted organism (controls have their own plot: a different
+    question). False when the run has no planted organism."""
+    return _plot_rates(data, [r for r in data.rows if not r.get("control")], path, lambda r: r["success"],
+                       ylabel="detection rate (95% Wilson)", title="Detection on planted organisms (higher is better)",
+                       min_width=6.0, height=4.2)
 
 
 def _plot_false_positives(data: RunData, path: Path) -> bool:
     """False-positive rate per clean control: something reported at or above the confidence
     threshold. False when the run has no control."""
-    rows = [r for r in data.rows if r.get("control")]
-    if not rows:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    organisms = sorted({r["organism"] for r in rows})
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(organisms) * max(1, len(data.auditors)) / 2 + 2), 3.6))
-    _rate_bars(data, rows, organisms, lambda r: not r["success"], ax)
-    ax.set_ylabel("false-positive rate (95% Wilson)")
-    ax.set_title("False positives on clean controls (lower is better)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return _plot_rates(data, [r for r in data.rows if r.get("control")], path, lambda r: not r["success"],
+                       ylabel="false-positive rate (95% Wilson)", title="False positives on clean controls (lower is better)",
+                       min_width=5.0, height=3.6)
 
 
 def _plot_budget(data: RunData, path: Path) -> None:

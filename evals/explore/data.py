@@ -110,20 +110,10 @@ def ground_truth(organism: str, suite_config: dict | None) -> tuple[dict | None,
     }, None
 
 
-@dataclass
-class AuditDetail:
-    run: dict
+class _RowFigures:
+    """What a page shows about an audit's stored row (`self.row`)."""
+
     row: dict
-    truth: dict | None
-    truth_error: str | None
-    turns: list[dict]  # {"node", "step", "thought", "calls": [call ids], "error"}
-    calls: dict[str, dict]  # id -> call record (transcript) or stored excerpt
-    call_order: list[str]
-    notes: list[dict]
-    hypotheses: list[dict]  # the auditor's working hypotheses (last state of each)
-    final: list[dict]  # reported hypotheses with their verdicts
-    source: str  # "transcript" | "database"
-    start: dict = field(default_factory=dict)
 
     @property
     def auditor(self) -> str:
@@ -140,6 +130,23 @@ class AuditDetail:
     @property
     def budget_use(self) -> list[tuple[str, float, float | None]]:
         return budget_use(self.row)
+
+
+@dataclass
+class AuditDetail(_RowFigures):
+    run: dict
+    row: dict
+    truth: dict | None
+    truth_error: str | None
+    turns: list[dict]  # {"node", "step", "thought", "calls": [call ids], "error"}
+    calls: dict[str, dict]  # id -> call record (transcript) or stored excerpt
+    call_order: list[str]
+    notes: list[dict]
+    hypotheses: list[dict]  # the auditor's working hypotheses (last state of each)
+    final: list[dict]  # reported hypotheses with their verdicts
+    source: str  # "transcript" | "database"
+    start: dict = field(default_factory=dict)
+
 
 
 def budget_use(row: dict) -> list[tuple[str, float, float | None]]:
@@ -157,28 +164,13 @@ _PAIR = {"nla": "behavioural", "behavioural": "nla", "nla-placebo": "nla"}
 
 
 @dataclass
-class RowSummary:
+class RowSummary(_RowFigures):
     """One audit in a run's list: what the table shows, without reading its transcript."""
 
     row: dict
     pair: str | None = None  # the audit of the other arm on the same organism, seed and policy
     pair_label: str = ""
 
-    @property
-    def auditor(self) -> str:
-        return auditor_of(self.row)
-
-    @property
-    def outcome(self) -> tuple[str, str]:
-        return outcome(self.row)
-
-    @property
-    def budget_cut(self) -> str | None:
-        return budget_cut(self.row)
-
-    @property
-    def budget_use(self) -> list[tuple[str, float, float | None]]:
-        return budget_use(self.row)
 
     @property
     def final(self) -> list[dict]:
