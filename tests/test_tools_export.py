@@ -174,7 +174,7 @@ async def test_nla_mcp_stdio_round_trip(tmp_path):
     import sys
 
     from mcp import Client
-    from mcp.client.stdio import StdioServerParameters
+    from mcp.client.stdio import StdioServerParameters, stdio_client
 
     exe = shutil.which("nla", path=str(Path(sys.executable).parent))
     if exe is None:
@@ -187,12 +187,15 @@ async def test_nla_mcp_stdio_round_trip(tmp_path):
     params = StdioServerParameters(command=exe, args=[
         "mcp", "--organism", "stdio-plain", "--organisms-dir", str(tmp_path / "orgs"), "--tool-set", "behavioural",
         "--max-calls", "1", "--transcript", str(transcript)])
-    async with Client(params, read_timeout_seconds=300) as client:
-        names = [t.name for t in (await client.list_tools()).tools]
-        assert names == TOOL_SETS["behavioural"]
-        res = await client.call_tool("complete", {"text": "The capital of France is", "max_new_tokens": 3})
-        assert not res.is_error and res.content[0].text.startswith("[c1] complete:")
-        res = await client.call_tool("chat", {"message": "hi"})
-        assert res.is_error and "Budget spent" in res.content[0].text
+    # The server's stderr goes to a file: stdio_client's default (sys.stderr, bound when mcp is
+    # first imported) may be a capture stream without a file descriptor under pytest.
+    with open(tmp_path / "server.err", "w") as errlog:
+        async with Client(stdio_client(params, errlog=errlog), read_timeout_seconds=300) as client:
+            names = [t.name for t in (await client.list_tools()).tools]
+            assert names == TOOL_SETS["behavioural"]
+            res = await client.call_tool("complete", {"text": "The capital of France is", "max_new_tokens": 3})
+            assert not res.is_error and res.content[0].text.startswith("[c1] complete:")
+            res = await client.call_tool("chat", {"message": "hi"})
+            assert res.is_error and "Budget spent" in res.content[0].text
     data = json.loads(transcript.read_text())
     assert [c["name"] for c in data["calls"]] == ["complete", "chat"] and data["budget"]["tool_calls"] == 1
