@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 import snowballstemmer
@@ -37,7 +38,7 @@ import torch
 from .metrics import mean_baseline, normalize, normalized_mse
 
 __all__ = ["TAIL_TOKENS", "stems", "names_topic", "topic_recall", "placebo_terms", "distinct_rate", "centred_fve",
-           "topic_probe", "strip_tail_words", "topic_retrieval", "surprising_terms"]
+           "topic_probe", "topic_word_embeddings", "strip_tail_words", "topic_retrieval", "surprising_terms"]
 
 TAIL_TOKENS = 8
 _WORD = re.compile(r"[A-Za-z]+")
@@ -133,6 +134,12 @@ def centred_fve(pred: torch.Tensor, gold: torch.Tensor, mean: torch.Tensor) -> f
     return 1.0 - float(normalized_mse(p, g).mean()) / mean_baseline(g)
 
 
+def topic_word_embeddings(embedding: torch.Tensor, tokenizer, topics) -> dict[str, torch.Tensor]:
+    """The topic probe's target for each topic: the mean input embedding ([vocab, d] `embedding`)
+    of the tokens of " topic"."""
+    return {t: embedding[tokenizer.encode(" " + t, add_special_tokens=False)].float().mean(0) for t in set(topics)}
+
+
 def topic_probe(train: torch.Tensor, train_targets: torch.Tensor, held: torch.Tensor, held_topics: Sequence[str],
                 topic_targets: dict[str, torch.Tensor], mean: torch.Tensor, ridge: float = 10.0) -> dict:
     """Ridge map from centred, normalised activations `train` [n, d] to `train_targets` [n, e]
@@ -162,31 +169,22 @@ about into over under after before next word words topic kind text answer explan
 def surprising_terms(explanations: Sequence[str], reference: Sequence[str], *, k: int = 10, min_count: int = 2,
                      min_z: float = 2.0, prior: float = 0.5) -> list[dict]:
     """Words the NLA says about `explanations` far more often than about `reference` (its
-    explanations of the base model on ordinary text): log-odds ratio of each word stem with a
-    Dirichlet prior from both sets, divided by its standard error (a z-score). Returns up to `k`
-    stems with z >= `min_z` seen in >= `min_count` explanations, most surprising first, each with
-    the commonest surface word, its count and z."""
-    def docs(texts: Sequence[str]) -> list[set[str]]:
-        return [{w for w in stems(t) if len(w) >= 3 and w not in _STOP} for t in texts]
+    explanations of the base model on ordinary text): the log-odds ratio of each word stem's
+    per-explanation presence, both rates smoothed by `prior`, divided by its standard error (a
+    z-score). Returns up to `k` stems with z >= `min_z` seen in >= `min_count` explanations,
+    most surprising first, each with the commonest surface word, its count and z."""
+    def presence(texts: Sequence[str]) -> Counter[str]:
+        return Counter(w for t in texts for w in stems(t) if len(w) >= 3 and w not in _STOP)
 
-    ours, ref = docs(explanations), docs(reference)
-    if not ours:
+    if not explanations:
         return []
-    counts: dict[str, int] = {}
-    for d in ours:
-        for w in d:
-            counts[w] = counts.get(w, 0) + 1
-    ref_counts: dict[str, int] = {}
-    for d in ref:
-        for w in d:
-            ref_counts[w] = ref_counts.get(w, 0) + 1
-    n_y, n_r = len(ours), max(1, len(ref))
-    surface: dict[str, dict[str, int]] = {}
+    counts, ref_counts = presence(explanations), presence(reference)
+    n_y, n_r = len(explanations), max(1, len(reference))
+    surface: dict[str, Counter[str]] = defaultdict(Counter)
     for t in explanations:
         for w in _WORD.findall(t):
             st = _STEMMER.stemWord(w.lower())
             if st in counts:
-                surface.setdefault(st, {}).setdefault(w.lower(), 0)
                 surface[st][w.lower()] += 1
     out = []
     for w, y in counts.items():
@@ -199,7 +197,7 @@ def surprising_terms(explanations: Sequence[str], reference: Sequence[str], *, k
         se = math.sqrt(1 / (y + prior) + 1 / (n_y - y + prior) + 1 / (r + prior) + 1 / (n_r - r + prior))
         z = (lo_y - lo_r) / se
         if z >= min_z:
-            word = max(surface.get(w, {w: 1}).items(), key=lambda kv: kv[1])[0]
+            word = surface[w].most_common(1)[0][0] if surface[w] else w
             out.append({"term": word, "stem": w, "count": y, "share": y / n_y, "reference_share": r / n_r, "z": z})
     out.sort(key=lambda d: -d["z"])
     return out[:k]

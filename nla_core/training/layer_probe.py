@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from ..activations import encode, pad_batch
-from ..content import topic_probe
+from ..content import topic_probe, topic_word_embeddings
 from ..metrics import normalize
 from ..models import ModelHandle
 from .dataset import _first_mention
@@ -53,8 +53,7 @@ def probe_layers(handle: ModelHandle, *, n_topics: int = 1500, positions: int = 
                 topics += [topic] * len(pos)
             if progress:
                 progress(len(chunk))
-    emb = handle.model.get_input_embeddings().weight.detach().float().cpu()
-    target = {t: emb[tok.encode(" " + t, add_special_tokens=False)].mean(0) for t in set(topics)}
+    target = topic_word_embeddings(handle.model.get_input_embeddings().weight.detach().cpu(), tok, topics)
     names = sorted(set(topics))
     random.Random(seed + 1).shuffle(names)
     held = set(names[: max(2, int(len(names) * held_share))])

@@ -24,7 +24,16 @@ from safetensors.torch import load_file
 
 from ..activations import pad_batch
 from ..checkpoint import ACTOR_TEMPLATE, CRITIC_TEMPLATE, EXPLANATION_CLOSE, EXPLANATION_OPEN, NLAMeta, extract_explanation
-from ..content import TAIL_TOKENS, centred_fve, distinct_rate, placebo_terms, topic_probe, topic_recall, topic_retrieval
+from ..content import (
+    TAIL_TOKENS,
+    centred_fve,
+    distinct_rate,
+    placebo_terms,
+    topic_probe,
+    topic_recall,
+    topic_retrieval,
+    topic_word_embeddings,
+)
 from ..errors import CheckpointError, EmptyInputError, NLAError
 from ..generation import generate_ids
 from ..metrics import mean_baseline, normalize, normalized_mse
@@ -775,14 +784,6 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
 def _topic_probe(ds: ActivationDataset, handle: ModelHandle, mean: torch.Tensor) -> dict | None:
     """`content.topic_probe` on every topic row: training splits fit, held-out rows rank the
     held-out topics. The target of a topic is the mean input embedding of its word's tokens."""
-    emb = handle.model.get_input_embeddings().weight.detach().float().cpu()
-    tok, cache = handle.tokenizer, {}
-
-    def target(topic: str) -> torch.Tensor:
-        if topic not in cache:
-            cache[topic] = emb[tok.encode(" " + topic, add_special_tokens=False)].mean(0)
-        return cache[topic]
-
     def topic_rows(names: tuple[str, ...]) -> tuple[torch.Tensor, list[str]]:
         vecs, topics = [], []
         for n in names:
@@ -796,7 +797,8 @@ def _topic_probe(ds: ActivationDataset, handle: ModelHandle, mean: torch.Tensor)
     hv, ht = topic_rows(("heldout",))
     if len(tt) < 2 * handle.d_model or len(set(ht)) < 2:
         return None  # too few topic rows to fit or rank
-    return topic_probe(tv, torch.stack([target(t) for t in tt]), hv, ht, {t: target(t) for t in set(ht)}, mean)
+    target = topic_word_embeddings(handle.model.get_input_embeddings().weight.detach().cpu(), handle.tokenizer, tt + ht)
+    return topic_probe(tv, torch.stack([target[t] for t in tt]), hv, ht, {t: target[t] for t in set(ht)}, mean)
 
 
 def _embedder() -> Any:
