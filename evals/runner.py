@@ -14,7 +14,6 @@ DuckDB as soon as it finishes.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import subprocess
@@ -94,23 +93,6 @@ def _check_budget(budget: dict | None) -> None:
                            f"pass a number above 0 (e.g. --{key.replace('_', '-')} 30), or leave it out.")
 
 
-def _alias(salt: str | None, run_id: str, organism: str) -> str:
-    """An opaque per-run alias: the organism's id would give its behaviour away. Keyed with the
-    run's random salt (stored in its config, so a resume keeps the aliases); runs recorded
-    before the salt existed keep their old unsalted alias when resumed."""
-    if salt:
-        from environments.target import alias_for
-
-        return alias_for(salt, organism)
-    return "target-" + hashlib.sha1(f"{run_id}/{organism}".encode()).hexdigest()[:6]
-
-
-def _opaque_id(run_id: str, audit_id: str) -> str:
-    """The id `run_audit` (and so the auditor's state and transcript) sees: audit ids name the
-    organism. The mapping is stable, so a resumed run finds its checkpoints again."""
-    return "audit-" + hashlib.sha1(f"{run_id}/{audit_id}".encode()).hexdigest()[:12]
-
-
 @dataclass
 class BenchResult:
     run_id: str
@@ -120,40 +102,6 @@ class BenchResult:
     n_run: int
     elapsed_s: float
     rows: list[dict] = field(default_factory=list)
-
-
-class _Shared:
-    """The model, NLA and planted organisms, loaded once and shared by all audits."""
-
-    def __init__(self, suite: BenchSuite, handle: Any = None, nla: Any = None):
-        self.suite = suite
-        self._handle = handle
-        self._nla = nla
-
-    @property
-    def handle(self) -> Any:
-        if self._handle is None:
-            from nla_core import load_model
-
-            self._handle = load_model(self.suite.model)
-        return self._handle
-
-    @property
-    def nla(self) -> Any:
-        if self._nla is None:
-            from nla_core.defaults import load_nla_for
-
-            self._nla = load_nla_for(self.handle, layer=self.suite.layer)
-        return self._nla
-
-    @property
-    def layer(self) -> int:
-        return self.suite.layer if self.suite.layer is not None else self.nla.layer
-
-    def target(self, spec: Any, *, alias: str, seed: int) -> Any:
-        from environments import build_target
-
-        return build_target(spec, self.handle, alias=alias, layer=self.layer, seed=seed)
 
 
 def run_bench(
@@ -170,6 +118,9 @@ def run_bench(
     on_progress: Callable[[str, dict], None] | None = None,
     max_audits: int | None = None,
     workers: int | None = None,
+    concurrency: int | None = None,
+    executor: str = "local",
+    executor_options: dict | None = None,
 ) -> BenchResult:
     """Run (or resume) the matrix of `suite`, writing one row per finished audit.
 
@@ -178,18 +129,25 @@ def run_bench(
     scripted policy its script); default: `agents.get_policy(name, **suite.policy_options[name])`.
     `resume`: continue `run_id` (or the latest run of this suite in the database).
     `max_audits`: stop after running this many audits (for tests and smoke runs).
-    `workers`: audits in parallel processes (default: the suite's; on resume, the number the
-    run was started with), each loading the model once and using
-    cpu_count // workers torch threads; the main process judges and writes. It pays where one
-    audit cannot keep the cores busy (small models, API-bound policies); ignored when a
-    `handle` or `policy_factory` is passed (they cannot cross processes)."""
-    from agents import get_policy, run_audit
+    `workers`: worker processes (or Ray actors), each loading the model once and using
+    cpu_count // workers torch threads (default: the suite's; on resume, the number the run was
+    started with); the main process judges and writes. A `handle`, `nla` or `policy_factory`
+    cannot cross processes: with one, the audits run in this process.
+    `concurrency`: audits at once per worker, their generate calls batched by one engine
+    (default: the suite's; on resume, the run's). Results for a seed do not depend on it.
+    `executor`: `local` (threads and processes here) or `ray` (`executor_options`: `address`)."""
+    from agents import get_policy
+
+    from .executors import ExecutorEvents, get_executor
+    from .workers import WorkerPlan
 
     t0 = time.monotonic()
     db_path = Path(db_path) if db_path is not None else default_db_path()
     say = on_progress or (lambda event, info: None)
-    if workers is not None and workers < 1:
-        raise NLAError(f"workers must be at least 1, got {workers}.", "pass --workers 1 or more.")
+    for what, val in (("workers", workers), ("concurrency", concurrency)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+            raise NLAError(f"{what} must be an integer of at least 1, got {val!r}.", f"pass --{what} 1 or more.")
+    run_executor = get_executor(executor)  # an unknown executor is refused before anything runs
     if not resume:  # bad input is refused before the database is touched
         _check_budget(suite.budget)
         suite.validate_names()
@@ -210,12 +168,15 @@ def run_bench(
             if stored and stored != suite.model_dump(mode="json"):
                 say("note", {"message": f"resuming {run_id} with the suite settings it was started with"})
                 suite = BenchSuite.model_validate(stored)
-            if workers is None:
-                workers = int((store.run(run_id)["config"] or {}).get("workers") or suite.workers)
-                say("note", {"message": f"resuming {run_id} with {workers} worker(s), as it was started "
-                                        "(pass --workers to change)"})
+            config = store.run(run_id)["config"] or {}
+            if workers is None or concurrency is None:
+                workers = workers or int(config.get("workers") or suite.workers)
+                concurrency = concurrency or int(config.get("concurrency") or suite.concurrency)
+                say("note", {"message": f"resuming {run_id} with {workers} worker(s) x {concurrency} audit(s) at "
+                                        "once, as it was started (pass --workers / --concurrency to change)"})
         _check_budget(suite.budget)  # before the run row: a bad budget must not poison --resume
         workers = suite.workers if workers is None else workers
+        concurrency = suite.concurrency if concurrency is None else concurrency
         suite.validate_names()
         specs = suite.organism_specs()
         suite.check_weights(specs)
@@ -226,14 +187,14 @@ def run_bench(
         from environments.target import new_alias_salt
 
         store.start_run(run_id, suite.name, {"suite": suite.model_dump(mode="json"), "alias_salt": new_alias_salt(),
-                                             "workers": workers}, version)
+                                             "workers": workers, "concurrency": concurrency,
+                                             "executor": executor}, version)
         alias_salt = (store.run(run_id)["config"] or {}).get("alias_salt")  # the stored one when resuming
         done = store.finished_audit_ids(run_id)
         todo = [c for c in cells if c.audit_id not in done]
         say("start", {"run_id": run_id, "cells": len(cells), "done": len(done), "todo": len(todo), "db": str(db_path)})
         base = Path(workdir) if workdir is not None else db_path.parent / "runs" / run_id
         base.mkdir(parents=True, exist_ok=True)
-        shared = _Shared(suite, handle, nla)
         if judge is None and todo and any(not by_id[c.organism].control for c in todo):
             judge = make_judge(suite.judge)
         n_run = 0
@@ -263,75 +224,30 @@ def run_bench(
 
         if max_audits is not None:
             todo = todo[:max_audits]
-        if workers > 1 and len(todo) > 1 and policy_factory is None and handle is None:
-            _run_parallel(suite, todo, run_id, base, workers, record, say, alias_salt)
-        else:
-            for cell in todo:
-                spec = by_id[cell.organism]
-                say("audit", {"audit_id": cell.audit_id, "i": n_run + len(done) + 1, "n": len(cells)})
-                policy = (policy_factory(cell.policy, cell) if policy_factory is not None
-                          else get_policy(cell.policy, **suite.policy_options.get(cell.policy, {})))
-                target = shared.target(spec, alias=_alias(alias_salt, run_id, spec.id), seed=cell.seed)
-                a0 = time.monotonic()
-                report = run_audit(target, shared.nla, strategy=cell.strategy, policy=policy, budget=suite.budget,
-                                   run_id=_opaque_id(run_id, cell.audit_id), workdir=base, seed=cell.seed,
-                                   max_hypotheses=suite.max_hypotheses)
-                record(cell, report, time.monotonic() - a0)
+        n_started = 0
+
+        def started(cell: AuditCell) -> None:
+            nonlocal n_started
+            n_started += 1
+            say("audit", {"audit_id": cell.audit_id, "i": len(done) + n_started, "n": len(cells)})
+
+        import os
+
+        import torch
+
+        plan = WorkerPlan(suite=suite.model_dump(mode="json"), run_id=run_id, workdir=str(base),
+                          alias_salt=alias_salt, workers=workers, concurrency=concurrency,
+                          threads=max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // workers)))
+        in_process = {k: v for k, v in (("handle", handle), ("nla", nla), ("policy_factory", policy_factory))
+                      if v is not None}
+        if todo:
+            run_executor(plan, todo, ExecutorEvents(started=started, finished=record, say=say),
+                         **in_process, **(executor_options or {}))
         elapsed = time.monotonic() - t0
         store.finish_run(run_id, time.monotonic() - t_saved)
         rows = store.audits(run_id)
     return BenchResult(run_id=run_id, db_path=db_path, n_cells=len(cells), n_done_before=len(done), n_run=n_run,
                        elapsed_s=elapsed, rows=rows)
-
-
-# ---- parallel workers -----------------------------------------------------------------------
-
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(suite_json: dict, run_id: str, base: str, threads: int, alias_salt: str | None = None) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, threads))
-    suite = BenchSuite.model_validate(suite_json)
-    _WORKER.update(suite=suite, run_id=run_id, base=base, shared=_Shared(suite), alias_salt=alias_salt,
-                   specs={s.id: s for s in suite.organism_specs()})
-
-
-def _worker_run(cell_json: dict) -> tuple[dict, dict, float]:
-    from agents import get_policy, run_audit
-
-    suite: BenchSuite = _WORKER["suite"]
-    shared: _Shared = _WORKER["shared"]
-    cell = AuditCell.model_validate(cell_json)
-    spec = _WORKER["specs"][cell.organism]
-    policy = get_policy(cell.policy, **suite.policy_options.get(cell.policy, {}))
-    target = shared.target(spec, alias=_alias(_WORKER.get("alias_salt"), _WORKER["run_id"], spec.id), seed=cell.seed)
-    a0 = time.monotonic()
-    report = run_audit(target, shared.nla, strategy=cell.strategy, policy=policy, budget=suite.budget,
-                       run_id=_opaque_id(_WORKER["run_id"], cell.audit_id), workdir=_WORKER["base"],
-                       seed=cell.seed, max_hypotheses=suite.max_hypotheses)
-    return cell_json, report.model_dump(mode="json"), time.monotonic() - a0
-
-
-def _run_parallel(suite: BenchSuite, todo: list[AuditCell], run_id: str, base: Path, workers: int,
-                  record: Callable[[AuditCell, Any, float], None], say: Callable[[str, dict], None],
-                  alias_salt: str | None = None) -> None:
-    import multiprocessing as mp
-    import os
-
-    import torch
-
-    from agents import AuditReport
-
-    threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // workers))
-    # cells of one organism next to each other: a worker plants an organism once and reuses it
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_worker_init,
-                  initargs=(suite.model_dump(mode="json"), run_id, str(base), threads, alias_salt)) as pool:
-        say("note", {"message": f"{len(todo)} audits on {workers} worker processes ({threads} torch thread(s) each)"})
-        for cell_json, rep, wall in pool.imap_unordered(_worker_run, [c.model_dump() for c in todo]):
-            record(AuditCell.model_validate(cell_json), AuditReport.model_validate(rep), wall)
 
 
 def rejudge(db_path: str | Path, run_id: str, judge: Judge | None = None, *, only_failed: bool = True) -> int:

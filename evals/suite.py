@@ -19,6 +19,7 @@ A suite is a small YAML file. The built-in ones live in `evals/data/suites/<name
     confidence_threshold: 0.5   # on clean controls, anything reported at or above this is a false positive
     judge: auto                 # auto (claude with a key, else offline), offline, claude
     workers: 1                  # audits in parallel processes (each loads the model once)
+    concurrency: 1              # audits at once per worker, their generate calls batched together
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class BenchSuite(BaseModel):
     confidence_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     judge: str = "auto"
     workers: int = Field(default=1, ge=1)
+    concurrency: int = Field(default=1, ge=1)
     policy_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("strategies", "policies")

@@ -112,10 +112,10 @@ def test_bad_budget_is_refused_before_the_run_row(tmp_path):
 
 
 def test_resume_keeps_the_workers_the_run_started_with(tmp_path, monkeypatch):
-    import evals.runner as runner
+    from evals.executors import EXECUTORS
 
     used: list[int] = []
-    monkeypatch.setattr(runner, "_run_parallel", lambda suite, todo, run_id, base, workers, *a, **k: used.append(workers))
+    monkeypatch.setitem(EXECUTORS, "local", lambda plan, todo, events, **k: used.append(plan.workers))
     db = tmp_path / "w.duckdb"
     notes: list[str] = []
     run_bench(tiny_suite(), db_path=db, judge=KeywordJudge(), workers=3, run_id="w", max_audits=2)
