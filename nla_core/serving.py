@@ -1,0 +1,215 @@
+"""`GenerationEngine`: one model serving the generate calls of several threads in shared batches.
+
+Several audits run at once in one process (threads), each making generate calls one at a time
+(chat, samples, prefills, steered replies, the NLA's verbalize). Alone, each call is a batch of
+one to a few rows, and on a CPU a batch of one uses a fraction of what a batch of 16 does per
+token. The engine gathers the pending calls of its client threads and runs them as one batch:
+it waits until every client thread is blocked in a generate call (or `max_wait_s` after the
+oldest pending call, since a client may be busy elsewhere), then decodes the rows of calls that
+can share a batch (same handle and adapter, and hooks that merge: none, or `RowHooks` with one
+key) together.
+
+A row's tokens come from its own generator (see `nla_core.generation`), so a call's result does
+not depend on its batch-mates; only floating-point rounding differs between batch shapes, which
+can flip a near-tie (tests check that results match the unbatched path).
+
+    engine = GenerationEngine(handle)
+    def audit():                      # in each of N threads
+        with engine.client():
+            ...                       # every generate_ids call on `handle` joins the engine's batches
+    engine.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .generation import Generation, GenRow, RowHooks, decode_rows
+from .models import ModelHandle
+
+__all__ = ["GenerationEngine", "EngineStats", "active_engine"]
+
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # hf model -> engine
+_ENGINES_GUARD = threading.Lock()
+
+
+def active_engine(handle: ModelHandle) -> GenerationEngine | None:
+    """The engine that should run the calling thread's generate calls on `handle`: one serving
+    this model, if the thread is one of its clients and does not hold the model's lock itself
+    (a thread inside a forward pass generates directly, as the engine would wait for it)."""
+    with _ENGINES_GUARD:
+        engine = _ENGINES.get(handle.hf_model)
+    if engine is None or not engine.is_client() or handle.lock.held():
+        return None
+    return engine
+
+
+@dataclass
+class _Call:
+    handle: ModelHandle
+    rows: list[GenRow]
+    adapter: str | None
+    hooks: Any
+    key: tuple
+    t: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: list[Generation] | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class EngineStats:
+    calls: int = 0
+    batches: int = 0
+    rows: int = 0
+
+    @property
+    def rows_per_batch(self) -> float:
+        return self.rows / self.batches if self.batches else 0.0
+
+
+class GenerationEngine:
+    """Batches the generate calls of its client threads on one model (see the module doc).
+    `max_batch_rows`: rows per decode batch; `max_wait_s`: how long the oldest pending call waits
+    for busy clients before its batch runs anyway."""
+
+    def __init__(self, handle: ModelHandle, *, max_batch_rows: int = 32, max_wait_s: float = 0.05):
+        self.handle = handle
+        self.max_batch_rows = max(1, int(max_batch_rows))
+        self.max_wait_s = float(max_wait_s)
+        self.stats = EngineStats()
+        self._cv = threading.Condition()
+        self._pending: list[_Call] = []
+        self._clients = 0
+        self._local = threading.local()
+        self._closed = False
+        with _ENGINES_GUARD:
+            if _ENGINES.get(handle.hf_model) is not None:
+                raise RuntimeError("This model is already served by a GenerationEngine; close that one first.")
+            _ENGINES[handle.hf_model] = self
+        self._thread = threading.Thread(target=self._serve, name="generation-engine", daemon=True)
+        self._thread.start()
+
+    # ---- clients --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def client(self) -> Iterator[None]:
+        """Mark the calling thread as a client for the body: its generate calls join batches,
+        and the engine counts it among those it waits for."""
+        if self.is_client():
+            yield
+            return
+        with self._cv:
+            self._clients += 1
+        self._local.client = True
+        try:
+            yield
+        finally:
+            self._local.client = False
+            with self._cv:
+                self._clients -= 1
+                self._cv.notify_all()
+
+    def is_client(self) -> bool:
+        return bool(getattr(self._local, "client", False)) and not self._closed
+
+    def generate(self, handle: ModelHandle, rows: Sequence[GenRow], *, adapter: str | None = None,
+                 hooks: Any = None) -> list[Generation]:
+        """Queue one call's rows and wait for its generations (in row order)."""
+        if hooks is None:
+            key: tuple = (id(handle), adapter, None)
+        elif isinstance(hooks, RowHooks):
+            key = (id(handle), adapter, "rows", hooks.key)
+            rows = [_with_payload(r, hooks.payloads[i]) for i, r in enumerate(rows)]
+        else:  # an opaque hooks function: its rows batch only with each other
+            key = (id(handle), adapter, "call", id(hooks), object())
+        call = _Call(handle, list(rows), adapter, hooks, key)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("The generation engine is closed.")
+            self._pending.append(call)
+            self._cv.notify_all()
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        assert call.result is not None
+        return call.result
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+        with _ENGINES_GUARD:
+            if _ENGINES.get(self.handle.hf_model) is self:
+                del _ENGINES[self.handle.hf_model]
+
+    def __enter__(self) -> GenerationEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- the serving thread -----------------------------------------------------------------
+
+    def _take_batch(self) -> list[_Call] | None:
+        """Wait for work, then take the oldest call and every pending call that can share its batch."""
+        with self._cv:
+            while not self._pending and not self._closed:
+                self._cv.wait()
+            if not self._pending:
+                return None
+            while not self._closed:
+                waited = time.monotonic() - min(c.t for c in self._pending)
+                if len(self._pending) >= self._clients or waited >= self.max_wait_s:
+                    break
+                self._cv.wait(timeout=self.max_wait_s - waited)
+            first = min(self._pending, key=lambda c: c.t)
+            batch, n = [], 0
+            for c in sorted(self._pending, key=lambda c: c.t):
+                if c.key == first.key and (not batch or n + len(c.rows) <= self.max_batch_rows):
+                    batch.append(c)
+                    n += len(c.rows)
+            for c in batch:
+                self._pending.remove(c)
+            return batch
+
+    def _serve(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            rows = [r for c in batch for r in c.rows]
+            first = batch[0]
+            if isinstance(first.hooks, RowHooks):
+                merged: Any = RowHooks(first.hooks.key, [r.payload for r in rows], first.hooks.enter)
+            else:
+                merged = first.hooks  # None, or one call's own hooks function
+            try:
+                gens: list[Generation] = []
+                for start in range(0, len(rows), self.max_batch_rows):
+                    idx = list(range(start, min(start + self.max_batch_rows, len(rows))))
+                    sub_hooks = None if merged is None else (lambda sub, idx=idx, m=merged: m([idx[j] for j in sub]))
+                    gens += decode_rows(first.handle, [rows[i] for i in idx], adapter=first.adapter, hooks=sub_hooks)
+                self.stats.batches += 1
+                self.stats.calls += len(batch)
+                self.stats.rows += len(rows)
+                at = 0
+                for c in batch:
+                    c.result, at = gens[at:at + len(c.rows)], at + len(c.rows)
+            except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
+                for c in batch:
+                    c.error = exc
+            for c in batch:
+                c.done.set()
+
+
+def _with_payload(row: GenRow, payload: Any) -> GenRow:
+    row.payload = payload
+    return row
