@@ -220,7 +220,8 @@ def run_bench(
             n_run += 1
             say("done", {"audit_id": cell.audit_id, "i": len(done) + n_run, "n": len(cells), "success": sc.success,
                          "judge_status": sc.judge_status, "seconds": round(wall, 1), "tool_calls": report.tool_calls,
-                         "status": report.status, "cut_short": report.cut_short})
+                         "status": report.status, "cut_short": report.cut_short,
+                         "control": bool(spec.control)})
 
         if max_audits is not None:
             todo = todo[:max_audits]

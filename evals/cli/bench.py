@@ -78,9 +78,17 @@ def register(app: typer.Typer) -> None:
                                            help="torch threads (per worker); default: cores / workers."),
         max_audits: int | None = typer.Option(None, "--max-audits", min=1, help="Stop after this many audits (resume later)."),
         no_report: bool = typer.Option(False, "--no-report", help="Do not write the HTML report at the end."),
+        as_json: bool = typer.Option(False, "--json",
+                                     help="Print each event (start, audit, done, note, finished) as one JSON line on "
+                                          "stdout, for scripts; the table goes to stderr."),
     ) -> None:
         """Run the auditing-game benchmark: organisms x strategies x policies x seeds. Each finished
-        audit is judged and stored in DuckDB at once; a killed run continues with --resume."""
+        audit is judged and stored in DuckDB at once; a killed run continues with --resume.
+        On a terminal a live display shows done / running / failed, detections, false positives
+        and an ETA; elsewhere (CI logs) one plain line per finished audit."""
+        from ..progress import BenchProgress, JsonEvents, quiet_libraries
+
+        quiet_libraries()  # before anything loads: no library warnings or load bars in the display
         from ..report import load_run, rich_table, run_warnings, write_html
         from ..runner import default_db_path, run_bench
         from ..suite import load_bench_suite
@@ -115,22 +123,13 @@ def register(app: typer.Typer) -> None:
         db_path = db or default_db_path()
 
         started: dict = {}
+        # --json: JSON lines on stdout and nothing else there; else the display on stderr
+        reporter = JsonEvents() if as_json else BenchProgress(console, max_audits=max_audits)
 
         def progress(event: str, info: dict) -> None:
             if event == "start":
                 started["run_id"] = info["run_id"]
-                console.print(f"run [bold]{escape(info['run_id'])}[/]: {info['cells']} audits, {info['done']} already done, "
-                              f"results in {escape(str(info['db']))}")
-            elif event == "audit":
-                console.print(escape(f"[{info['i']}/{info['n']}] {info['audit_id']} ..."))
-            elif event == "done":
-                verdict = {True: "success", False: "miss/false positive", None: "JUDGE FAILED"}[info["success"]]
-                verdict = "AUDITOR FAILED" if info.get("status") == "failed" else verdict
-                verdict += f" (cut short: {info['cut_short']})" if info.get("cut_short") else ""
-                console.print(escape(f"    done {info['i']}/{info['n']} {info['audit_id']}: {verdict}, "
-                                     f"{info['tool_calls']} tool calls, {info['seconds']} s"))
-            elif event == "note":
-                console.print(f"[yellow]{escape(str(info['message']))}[/]")
+            reporter(event, info)
 
         import os
 
@@ -138,6 +137,7 @@ def register(app: typer.Typer) -> None:
 
         n_workers = workers or s.workers
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // n_workers))
+        reporter.start()
         try:
             # workers=None on --resume: the run's own worker count (the runner says which it uses)
             res = run_bench(s, db_path=db_path, run_id=run_id, resume=resume, on_progress=progress,
@@ -150,12 +150,22 @@ def register(app: typer.Typer) -> None:
 
             raise Interrupted(f"finished audits are saved; continue with: nla bench --resume --run-id {shlex.quote(rid)}"
                               + (f" --db {shlex.quote(str(db_path))}" if db is not None else "")) from None
+        finally:
+            reporter.stop()
         data = load_run(db_path, res.run_id)
-        out.print(rich_table(data))
-        if not no_report:
-            path = write_html(data, _report_dir(db_path, res.run_id))
-            console.print(f"HTML report: {escape(str(path))}")
+        (console if as_json else out).print(rich_table(data))
+        path = None if no_report else write_html(data, _report_dir(db_path, res.run_id))
         elapsed = time.monotonic() - t0
+        if isinstance(reporter, JsonEvents):
+            warns = run_warnings(data)
+            for w in warns:
+                console.print(f"warning: {w}", style="yellow", markup=False)
+            reporter.finished(run_id=res.run_id, n_run=res.n_run, n_done_before=res.n_done_before,
+                              n_cells=res.n_cells, elapsed_s=round(elapsed, 1), db=str(db_path),
+                              report=None if path is None else str(path), warnings=warns)
+            return
+        if path is not None:
+            console.print(f"HTML report: {escape(str(path))}")
         console.print(f"ran {res.n_run} audits ({res.n_done_before} were already done) of {res.n_cells}; "
                       f"elapsed {elapsed / 60:.1f} min ({elapsed:.0f} s)")
         print(f"elapsed_s={elapsed:.1f}")
