@@ -137,6 +137,14 @@ class AuditWorker:
                                seed=cell.seed, max_hypotheses=self.suite.max_hypotheses)
         return cell.model_dump(), report.model_dump(mode="json"), time.monotonic() - a0
 
+    def engine_note(self) -> str | None:
+        """How well the engine batched (None without one, or before its first call)."""
+        st = self._engine.stats if self._engine is not None else None
+        if not st or not st.calls:
+            return None
+        return (f"generation engine: {st.calls} generate calls in {st.batches} batches "
+                f"({st.rows_per_batch:.1f} rows per batch)")
+
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()

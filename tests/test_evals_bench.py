@@ -154,3 +154,32 @@ def test_parallel_workers(tiny, tmp_path):
     assert res.n_run == 2
     got = {r["organism"]: r["success"] for r in res.rows}
     assert got == {"bench-cats": True, "bench-clean": False}
+
+
+def _audit_trace(rows):
+    """What each audit did and concluded: its verdict, hypotheses and every tool result."""
+    from evals.runner import read_tool_calls
+
+    return {r["audit_id"]: (r["success"], [h["statement"] for h in r["report"]["hypotheses"]],
+                            [(c.tool, c.result_excerpt) for c in read_tool_calls(r["transcript_path"])])
+            for r in rows}
+
+
+def test_concurrent_audits_batched_do_what_they_do_one_at_a_time(model, tmp_path):
+    """The offline auditor on every organism, three audits at once sharing the generation engine:
+    every tool result, hypothesis and verdict is the one the same audit gets alone."""
+    handle, nla = model
+    suite = tiny_suite(policies=["offline"], strategies=["nla", "behavioural"],
+                       budget={"max_tool_calls": 8, "max_generated_tokens": 160})
+    one = run_bench(suite, db_path=tmp_path / "one.duckdb", handle=handle, nla=nla, judge=KeywordJudge(),
+                    run_id="one", concurrency=1)
+    notes: list[str] = []
+    batched = run_bench(suite, db_path=tmp_path / "three.duckdb", handle=handle, nla=nla, judge=KeywordJudge(),
+                        run_id="three", concurrency=3, on_progress=lambda ev, info: notes.append(info.get("message", "")))
+    engine = [n for n in notes if n.startswith("generation engine")]
+    assert engine and float(engine[0].split("(")[1].split()[0]) > 1.0, notes  # calls really shared batches
+    a, b = _audit_trace(one.rows), _audit_trace(batched.rows)
+    assert len(a) == 6 and a.keys() == b.keys()
+    assert sum(len(calls) for _, _, calls in a.values()) >= 12  # the audits really called tools
+    for audit_id in a:
+        assert a[audit_id] == b[audit_id], audit_id

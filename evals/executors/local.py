@@ -38,6 +38,9 @@ def run_local(plan: WorkerPlan, cells: list[AuditCell], events: ExecutorEvents, 
         worker = plan.make_worker(handle=handle, nla=nla, policy_factory=policy_factory)
         try:
             _run_in_threads(worker, cells, plan.concurrency, events)
+            note = worker.engine_note()
+            if note:
+                events.say("note", {"message": note})
         finally:
             worker.close()
     else:
@@ -122,6 +125,9 @@ def _process_main(plan_json: dict, tasks: Any, results: Any, slot: int) -> None:
         t.start()
     for t in threads:
         t.join()
+    note = worker.engine_note()
+    if note:
+        results.put(("note", slot, note))
     worker.close()
 
 
@@ -174,7 +180,9 @@ def _run_in_processes(plan: WorkerPlan, cells: list[AuditCell], events: Executor
                                                    f"running its {len(lost)} audit(s) again on a new one"})
                     spawn()
                 continue
-            if kind == "start":
+            if kind == "note":
+                events.say("note", {"message": payload})
+            elif kind == "start":
                 cell = AuditCell.model_validate(payload)
                 in_hand.setdefault(slot, {})[cell.audit_id] = payload
                 events.started(cell)
