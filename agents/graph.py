@@ -576,7 +576,11 @@ def run_audit(
             if on_event:
                 on_event(start)
 
-        for update in graph.stream(inputs, config, stream_mode="updates"):
+        # durability="sync": each step's checkpoint is written before the next step runs. With
+        # langgraph's default ("async") a process killed mid-step (a dead worker or Ray actor)
+        # can leave a tool's writes saved without the step's checkpoint: the resumed state then
+        # has no next node and the half-done audit was reported as finished.
+        for update in graph.stream(inputs, config, stream_mode="updates", durability="sync"):
             for _node, delta in (update or {}).items():
                 for ev in (delta or {}).get("events", []) if isinstance(delta, dict) else []:
                     with transcript.open("a") as fh:

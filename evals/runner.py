@@ -135,7 +135,7 @@ def run_bench(
     cannot cross processes: with one, the audits run in this process.
     `concurrency`: audits at once per worker, their generate calls batched by one engine
     (default: the suite's; on resume, the run's). Results for a seed do not depend on it.
-    `executor`: `local` (threads and processes here) or `ray` (`executor_options`: `address`)."""
+    `executor`: `local` (threads and processes here) or `ray` (`executor_options`: `address`, `num_gpus_per_worker`)."""
     from agents import get_policy
 
     from .executors import ExecutorEvents, get_executor
@@ -236,9 +236,11 @@ def run_bench(
 
         import torch
 
+        threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // workers))
+        if executor == "ray" and (executor_options or {}).get("address"):
+            threads = max(1, torch.get_num_threads())  # the cluster's cores, not this machine's
         plan = WorkerPlan(suite=suite.model_dump(mode="json"), run_id=run_id, workdir=str(base),
-                          alias_salt=alias_salt, workers=workers, concurrency=concurrency,
-                          threads=max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // workers)))
+                          alias_salt=alias_salt, workers=workers, concurrency=concurrency, threads=threads)
         in_process = {k: v for k, v in (("handle", handle), ("nla", nla), ("policy_factory", policy_factory))
                       if v is not None}
         if todo:

@@ -72,10 +72,23 @@ def register(app: typer.Typer) -> None:
                                               help="Budget override: tokens the target may generate per audit."),
         max_seconds: float | None = typer.Option(None, "--max-seconds", help="Budget override: wall time per audit."),
         workers: int | None = typer.Option(None, "--workers", "-w", min=1,
-                                           help="Audits in parallel processes (each loads the model once); "
+                                           help="Audits in parallel processes or Ray actors (each loads the model once); "
                                                 "default: the suite's."),
         threads: int | None = typer.Option(None, "--threads", min=1,
-                                           help="torch threads (per worker); default: cores / workers."),
+                                           help="torch threads per worker (with Ray: the CPUs each actor asks for); "
+                                                "default: cores / workers."),
+        concurrency: int | None = typer.Option(None, "--concurrency", min=1,
+                                               help="Audits at once per worker, their generate calls batched together; "
+                                                    "default: the suite's."),
+        executor: str = typer.Option("local", "--executor",
+                                     help="Where the audits run: local (this machine's processes) or ray (a Ray "
+                                          "cluster; needs the ray extra)."),
+        address: str | None = typer.Option(None, "--address",
+                                           help="With --executor ray: a running cluster (auto, host:6379, "
+                                                "ray://host:10001); default: a local Ray instance started for the run."),
+        gpus_per_worker: float | None = typer.Option(None, "--gpus-per-worker", min=0,
+                                                     help="With --executor ray: GPUs each actor asks for "
+                                                          "(a fraction shares a GPU); default 0."),
         max_audits: int | None = typer.Option(None, "--max-audits", min=1, help="Stop after this many audits (resume later)."),
         no_report: bool = typer.Option(False, "--no-report", help="Do not write the HTML report at the end."),
         as_json: bool = typer.Option(False, "--json",
@@ -94,6 +107,17 @@ def register(app: typer.Typer) -> None:
         from ..suite import load_bench_suite
 
         t0 = time.monotonic()
+        if executor not in ("local", "ray"):
+            raise NLAError(f"Unknown executor {executor!r}.", "pass --executor local or --executor ray.")
+        executor_options: dict = {}
+        if address is not None:
+            executor_options["address"] = address
+        if gpus_per_worker is not None:
+            executor_options["num_gpus_per_worker"] = gpus_per_worker
+        if executor_options and executor != "ray":
+            flags = " and ".join(f for f, v in (("--address", address), ("--gpus-per-worker", gpus_per_worker))
+                                 if v is not None)
+            raise NLAError(f"{flags} only apply to the Ray executor.", "add --executor ray, or drop them.")
         s = load_bench_suite(suite)
         upd: dict = {}
         if _split(policy):
@@ -139,9 +163,10 @@ def register(app: typer.Typer) -> None:
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // n_workers))
         reporter.start()
         try:
-            # workers=None on --resume: the run's own worker count (the runner says which it uses)
+            # workers/concurrency None on --resume: the run's own (the runner says which it uses)
             res = run_bench(s, db_path=db_path, run_id=run_id, resume=resume, on_progress=progress,
-                            workers=workers, max_audits=max_audits)
+                            workers=workers, concurrency=concurrency, max_audits=max_audits, executor=executor,
+                            executor_options=executor_options)
         except KeyboardInterrupt:
             rid = started.get("run_id")
             if rid is None:
