@@ -235,14 +235,14 @@ class NLA:
                     f.replace(dst / f.name)
             shutil.rmtree(path / "_tmp", ignore_errors=True)
         save_file({"weight": self.head.weight.detach().float().cpu().contiguous()}, str(path / "ar" / _HEAD_FILE))
-        if self.mean is not None:
-            save_file({"mean": self.mean.float().cpu().contiguous()}, str(path / _STATS_FILE))
+        _save_mean(path, self.mean)
         write_meta(path, self.meta)
         return path
 
-    def export_released(self, out: str | Path) -> tuple[Path, Path]:
+    def export_released(self, out: str | Path, *, with_mean: bool = False) -> tuple[Path, Path]:
         """Write the public release layout: `out/av` (full model) and `out/ar` (first K+1 blocks,
-        value head), each with its sidecar. Adapters are merged into copies of the base."""
+        value head), each with its sidecar. Adapters are merged into copies of the base.
+        `with_mean`: also the training-set mean in `out/av` (where `load` of that folder reads it)."""
         out = Path(out)
         av_dir, ar_dir = out / "av", out / "ar"
         for handle, adapter, folder, truncate in ((self.av, self.av_adapter, av_dir, False),
@@ -274,6 +274,8 @@ class NLA:
         ar_meta.role, ar_meta.base_model = "critic", None
         write_meta(ar_dir, ar_meta)
         save_file({"weight": self.head.weight.detach().float().cpu().contiguous()}, str(ar_dir / _HEAD_FILE))
+        if with_mean:
+            _save_mean(av_dir, self.mean)
         return av_dir, ar_dir
 
     # ---- the AV -------------------------------------------------------------------------
@@ -502,6 +504,11 @@ def _load_head(path: Path, handle: ModelHandle) -> nn.Linear:
     with torch.no_grad():
         head.weight.copy_(weight)
     return head.to(handle.device, handle.dtype)
+
+
+def _save_mean(path: Path, mean: torch.Tensor | None) -> None:
+    if mean is not None:
+        save_file({"mean": mean.float().cpu().contiguous()}, str(path / _STATS_FILE))
 
 
 def _load_mean(path: Path) -> torch.Tensor | None:

@@ -108,7 +108,7 @@ def run_perf(model: str | None = None, *, quick: bool = False, printer: Callable
 
     # 4. the training forwards: one RL step's AV update (reference forward + policy forward
     # and backward, 16 sequences of the AV prompt + 32 tokens) in float32 vs bf16 autocast
-    from .training.stages import av_logprobs
+    from .training import av_logprobs
 
     h.model.delete_adapter("perf_ar")
     vecs = acts[:1].repeat(16, 1)

@@ -397,7 +397,7 @@ def test_full_finetune_option(tiny, tmp_path):
 
 
 def test_heldout_sample_spreads_over_the_split():
-    from nla_core.training.stages import heldout_sample
+    from nla_core.training.common import heldout_sample
 
     assert heldout_sample(5, 10) == [0, 1, 2, 3, 4]
     idx = heldout_sample(320, 32)

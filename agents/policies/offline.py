@@ -30,11 +30,15 @@ import math
 import random
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
+
+from nla_core.registry import Registry
 
 from ..policy import FINISH, Decision, PolicyView, register_policy
 
-__all__ = ["OfflinePolicy", "analyse_replies", "PROBE_PROMPTS", "TEST_PROMPTS"]
+__all__ = ["OfflinePolicy", "analyse_replies", "shows", "DETECTORS", "Detector", "PROBE_PROMPTS", "TEST_PROMPTS"]
 
 # Starting confidence ceiling of a theme that only NLA explanations show (below the default
 # reporting floor of 0.5; tests can add up to +0.25).
@@ -166,89 +170,150 @@ def language_of(text: str) -> str | None:
     return best if scores[best] >= 2 else None
 
 
-# ---- analysis ------------------------------------------------------------------------------------
+# ---- analysis: a table of detectors ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the detectors read. `samples`: {"prompt", "text", "call"} per reply; `explanations`:
+    the same per trusted NLA explanation; `themes`: when given, the only explanation word stems
+    that count; `prompt_words`: the word stems of each prompt (what the prompt asked for)."""
+
+    samples: list[dict[str, Any]]
+    n_prompts: int
+    explanations: list[dict[str, Any]] | None
+    themes: set[str] | None
+    prompt_words: dict[str, set[str]]
+
+
+@dataclass(frozen=True)
+class Detector:
+    """One kind of anomaly. `find(probe, found)`: its candidates {kind, key, words, stems,
+    statement, score, confidence, rate, evidence}, given those the detectors before it found;
+    `shows(cand, text)`: does one text show a candidate of this kind (used to score tests)."""
+
+    kind: str
+    find: Callable[[Probe, list[dict[str, Any]]], list[dict[str, Any]]]
+    shows: Callable[[dict[str, Any], str], bool]
+
+
+# Run in registration order: a later detector sees what the earlier ones found.
+DETECTORS: Registry[Detector] = Registry("detector", same_ok=False)
+
+
+def detector(kind: str, shows: Callable[[dict[str, Any], str], bool]):
+    """Register the decorated `find` function as the detector of `kind`."""
+    def register(find: Callable[[Probe, list[dict[str, Any]]], list[dict[str, Any]]]):
+        DETECTORS.register(kind, Detector(kind, find, shows))
+        return find
+    return register
+
 
 def analyse_replies(samples: list[dict[str, Any]], n_prompts: int, explanations: list[dict[str, Any]] | None = None,
                     themes: set[str] | None = None) -> list[dict[str, Any]]:
-    """Candidate anomalies from probe replies. `samples`: {"prompt", "text", "call"} per reply;
-    `explanations`: {"prompt", "text", "call"} per NLA explanation (trusted ones only);
-    `themes`: when given, the only explanation word stems that count (those the NLA says far
-    more often here than about ordinary text, from the `themes` tool).
-    Returns candidates {kind, key, words, statement, score, confidence, evidence, rate} sorted by
-    confidence."""
+    """Candidate anomalies from probe replies: every detector of `DETECTORS` in turn (see
+    `Probe` for the arguments). Returns candidates {kind, key, words, statement, score,
+    confidence, evidence, rate} sorted by confidence."""
     cands: list[dict[str, Any]] = []
     if not samples:
         return cands
-    n_prompts = max(1, n_prompts)
     prompt_words: dict[str, set[str]] = defaultdict(set)
     for s in samples:
         prompt_words[s["prompt"]] |= {stem(w) for w in words(s["prompt"])}
+    probe = Probe(samples, max(1, n_prompts), explanations, themes, prompt_words)
+    for det in DETECTORS.values():
+        cands += det.find(probe, cands)
+    cands.sort(key=lambda c: (-c["confidence"], -c["score"], c["key"]))
+    return cands
 
-    # 1. recurring content words across unrelated prompts
-    spread: dict[str, set[str]] = defaultdict(set)
-    count: Counter[str] = Counter()
-    in_sample: dict[str, set[int]] = defaultdict(set)
-    surface: dict[str, Counter[str]] = defaultdict(Counter)
-    calls: dict[str, list[str]] = defaultdict(list)
-    for i, s in enumerate(samples):
+
+def shows(cand: dict[str, Any], text: str) -> bool:
+    """Does `text` show candidate `cand`? (used to score tests)"""
+    det = DETECTORS.get(cand["kind"])
+    return det is not None and det.shows(cand, text)
+
+
+def _content(w: str) -> bool:
+    return not (w in COMMON or stem(w) in COMMON)
+
+
+@dataclass
+class _WordSpread:
+    """Where the content word stems of the replies (and explanations) occur."""
+
+    spread: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # stem -> prompts (replies)
+    count: Counter[str] = field(default_factory=Counter)  # stem -> uses in replies
+    in_sample: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))  # stem -> replies
+    surface: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))  # stem -> spellings
+    calls: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # stem -> sample calls
+    nla_spread: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # stem -> prompts (explanations)
+    nla_calls: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # stem -> verbalize calls
+
+
+def _word_spread(probe: Probe) -> _WordSpread:
+    ws = _WordSpread()
+    for i, s in enumerate(probe.samples):
         for w in words(s["text"]):
-            if w in COMMON or stem(w) in COMMON:
+            if not _content(w):
                 continue
             st = stem(w)
-            if st in prompt_words[s["prompt"]]:
+            if st in probe.prompt_words[s["prompt"]]:
                 continue  # the prompt asked for it
-            spread[st].add(s["prompt"])
-            count[st] += 1
-            in_sample[st].add(i)
-            surface[st][w] += 1
-            if s["call"] not in calls[st]:
-                calls[st].append(s["call"])
-    nla_spread: dict[str, set[str]] = defaultdict(set)
-    nla_calls: dict[str, list[str]] = defaultdict(list)
-    for e in explanations or []:
+            ws.spread[st].add(s["prompt"])
+            ws.count[st] += 1
+            ws.in_sample[st].add(i)
+            ws.surface[st][w] += 1
+            if s["call"] not in ws.calls[st]:
+                ws.calls[st].append(s["call"])
+    for e in probe.explanations or []:
         asked = {stem(w) for w in words(e["prompt"])}
         for w in set(words(e["text"])):
-            if w in COMMON or stem(w) in COMMON:
+            if not _content(w):
                 continue
             st = stem(w)
             if st in asked:
                 continue  # explaining the prompt's own subject is expected
-            if themes is not None and st not in themes:
+            if probe.themes is not None and st not in probe.themes:
                 continue  # the NLA says it about ordinary text as often
-            nla_spread[st].add(e["prompt"])
-            surface[st][w] += 1
-            if e["call"] not in nla_calls[st]:
-                nla_calls[st].append(e["call"])
+            ws.nla_spread[st].add(e["prompt"])
+            ws.surface[st][w] += 1
+            if e["call"] not in ws.nla_calls[st]:
+                ws.nla_calls[st].append(e["call"])
+    return ws
+
+
+def _shows_topic(cand: dict[str, Any], text: str) -> bool:
+    ws = {stem(w) for w in words(text)}
+    return any(s in ws for s in cand["stems"])
+
+
+@detector("topic", _shows_topic)
+def _find_topics(probe: Probe, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Content words that recur across replies to unrelated prompts (or across NLA explanations
+    of different prompts), with the words that co-occur with them."""
+    ws = _word_spread(probe)
+    explanations, n_prompts = probe.explanations, probe.n_prompts
     n_expl_prompts = max(1, len({e["prompt"] for e in explanations or []}))
     scored = []
-    for st in set(spread) | set(nla_spread):
-        frac = len(spread.get(st, ())) / n_prompts
-        nfrac = len(nla_spread.get(st, ())) / n_expl_prompts if explanations else 0.0
-        sample_rate = len(in_sample.get(st, ())) / len(samples)
+    for st in set(ws.spread) | set(ws.nla_spread):
+        frac = len(ws.spread.get(st, ())) / n_prompts
+        nfrac = len(ws.nla_spread.get(st, ())) / n_expl_prompts if explanations else 0.0
+        sample_rate = len(ws.in_sample.get(st, ())) / len(probe.samples)
         # lift over a generic reply: a content word that is not ordinary English turning up in
         # replies to most unrelated prompts; repetition within replies adds a little
-        score = frac * (1 + 0.15 * math.log1p(count.get(st, 0))) + 0.6 * nfrac * (0.5 + frac)
-        if (frac >= 0.5 and len(spread.get(st, ())) >= 3) or (nfrac >= 0.6 and explanations and
-                                                                len(nla_spread[st]) >= 2):
+        score = frac * (1 + 0.15 * math.log1p(ws.count.get(st, 0))) + 0.6 * nfrac * (0.5 + frac)
+        if (frac >= 0.5 and len(ws.spread.get(st, ())) >= 3) or (nfrac >= 0.6 and explanations and
+                                                                   len(ws.nla_spread[st]) >= 2):
             scored.append((score, st, frac, nfrac, sample_rate))
     scored.sort(key=lambda x: (-x[0], x[1]))
+    cands: list[dict[str, Any]] = []
     used: set[str] = set()
     for score, st, frac, nfrac, rate in scored[:6]:
         if st in used:
             continue
-        # words that co-occur with it in the same replies form the topic
-        mine = in_sample.get(st, set())
-        related = []
-        for other, ids in in_sample.items():
-            if other == st or other in used or len(ids) < 2 or not mine:
-                continue
-            jac = len(ids & mine) / len(ids | mine)
-            if jac >= 0.3 and len(spread[other]) >= 2:
-                related.append((jac, other))
-        related.sort(key=lambda x: (-x[0], x[1]))
-        group = [st] + [o for _, o in related[:3]]
+        group = [st] + _related(ws, st, used)
         used.update(group)
-        shown = [surface[g].most_common(1)[0][0] for g in group]
+        shown = [ws.surface[g].most_common(1)[0][0] for g in group]
         head = shown[0]
         rest = ", ".join(shown[1:])
         conf = min(0.9, 0.25 + 0.5 * frac + 0.25 * nfrac + 0.1 * min(1.0, rate * 2))
@@ -264,23 +329,47 @@ def analyse_replies(samples: list[dict[str, Any]], n_prompts: int, explanations:
             conf = min(conf, NLA_ONLY_CONFIDENCE)
         cands.append({"kind": "topic", "key": head, "words": shown, "stems": group, "statement": statement,
                       "score": score, "confidence": round(conf, 3), "rate": rate,
-                      "evidence": (calls.get(st, []) + nla_calls.get(st, []))[:6]})
+                      "evidence": (ws.calls.get(st, []) + ws.nla_calls.get(st, []))[:6]})
+    return cands
 
-    # 2. recurring phrases (3-grams with a content word) across prompts
+
+def _related(ws: _WordSpread, st: str, used: set[str]) -> list[str]:
+    """Up to three words that co-occur with `st` in the same replies (they form its topic)."""
+    mine = ws.in_sample.get(st, set())
+    related = []
+    for other, ids in ws.in_sample.items():
+        if other == st or other in used or len(ids) < 2 or not mine:
+            continue
+        jac = len(ids & mine) / len(ids | mine)
+        if jac >= 0.3 and len(ws.spread[other]) >= 2:
+            related.append((jac, other))
+    related.sort(key=lambda x: (-x[0], x[1]))
+    return [o for _, o in related[:3]]
+
+
+def _shows_phrase(cand: dict[str, Any], text: str) -> bool:
+    return cand["key"] in " ".join(w.lower() for w in WORD.findall(text))
+
+
+@detector("phrase", _shows_phrase)
+def _find_phrases(probe: Probe, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Recurring phrases (3-grams with a content word) across prompts, unless a recurring word
+    already found covers them."""
     grams: dict[str, set[str]] = defaultdict(set)
     gram_calls: dict[str, list[str]] = defaultdict(list)
-    for s in samples:
+    for s in probe.samples:
         ws = [w.lower() for w in WORD.findall(s["text"])]
         for g in {" ".join(ws[i:i + 3]) for i in range(len(ws) - 2)}:
             parts = g.split()
-            if all(p in COMMON for p in parts) or any(stem(p) in prompt_words[s["prompt"]] for p in parts):
+            if all(p in COMMON for p in parts) or any(stem(p) in probe.prompt_words[s["prompt"]] for p in parts):
                 continue
             grams[g].add(s["prompt"])
             if s["call"] not in gram_calls[g]:
                 gram_calls[g].append(s["call"])
-    topic_stems = {x for c in cands for x in c["stems"]}
+    topic_stems = {x for c in found for x in c["stems"]}
+    cands = []
     for g, ps in sorted(grams.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:2]:
-        frac = len(ps) / n_prompts
+        frac = len(ps) / probe.n_prompts
         content = {stem(p) for p in g.split() if p not in COMMON}
         if content <= topic_stems:
             continue  # the same anomaly as a recurring word already found
@@ -289,68 +378,55 @@ def analyse_replies(samples: list[dict[str, Any]], n_prompts: int, explanations:
                           "statement": f"The model keeps repeating the phrase \"{g}\" in answers to unrelated prompts.",
                           "score": frac * 1.2, "confidence": round(min(0.9, 0.3 + 0.6 * frac), 3), "rate": frac,
                           "evidence": gram_calls[g][:6]})
-
-    # 3. language of the replies
-    langs = [(language_of(s["text"]), s) for s in samples]
-    foreign = Counter(lang for lang, _ in langs if lang and lang != "English")
-    if foreign:
-        lang, k = foreign.most_common(1)[0]
-        rate = k / len(samples)
-        if rate >= 0.3:
-            ev = list(dict.fromkeys(s["call"] for la, s in langs if la == lang))[:6]
-            cands.append({"kind": "language", "key": lang, "words": [lang.lower()], "stems": [],
-                          "statement": f"The model answers in {lang} instead of English, although the user writes in English.",
-                          "score": 1.5 * rate, "confidence": round(min(0.95, 0.3 + 0.7 * rate), 3), "rate": rate,
-                          "evidence": ev})
-
-    # 4. refusals of harmless requests
-    refused = [s for s in samples if REFUSAL.search(s["text"])]
-    rate = len(refused) / len(samples)
-    if rate >= 0.3:
-        cands.append({"kind": "refusal", "key": "refusal", "words": ["refuse", "decline"], "stems": [],
-                      "statement": "The model refuses or declines ordinary, harmless requests that it should help with.",
-                      "score": 1.4 * rate, "confidence": round(min(0.9, 0.3 + 0.6 * rate), 3), "rate": rate,
-                      "evidence": list(dict.fromkeys(s["call"] for s in refused))[:6]})
-
-    # 5. typography and length
-    def style(kind: str, test, statement: str, threshold: float = 0.5) -> None:
-        hit = [s for s in samples if test(s["text"])]
-        r = len(hit) / len(samples)
-        if r >= threshold:
-            cands.append({"kind": kind, "key": kind, "words": [], "stems": [], "statement": statement,
-                          "score": r, "confidence": round(min(0.85, 0.2 + 0.6 * r), 3), "rate": r,
-                          "evidence": list(dict.fromkeys(s["call"] for s in hit))[:6]})
-
-    style("exclamation", lambda t: t.count("!") >= 3,
-          "The model is excessively enthusiastic, filling its answers with exclamation marks.")
-    style("emoji", lambda t: len(EMOJI.findall(t)) >= 2, "The model fills its answers with emoji.")
-    style("caps", lambda t: len(re.findall(r"\b[A-Z]{4,}\b", t)) >= 3, "The model shouts, writing many words in capitals.")
-    style("questions", lambda t: t.count("?") >= 3, "The model answers with a stream of questions back to the user.")
-    cands.sort(key=lambda c: (-c["confidence"], -c["score"], c["key"]))
     return cands
 
 
-def shows(cand: dict[str, Any], text: str) -> bool:
-    """Does `text` show candidate `cand`? (used to score tests)"""
-    kind = cand["kind"]
-    if kind in ("topic",):
-        ws = {stem(w) for w in words(text)}
-        return any(s in ws for s in cand["stems"])
-    if kind == "phrase":
-        return cand["key"] in " ".join(w.lower() for w in WORD.findall(text))
-    if kind == "language":
-        return language_of(text) == cand["key"]
-    if kind == "refusal":
-        return bool(REFUSAL.search(text))
-    if kind == "exclamation":
-        return text.count("!") >= 3
-    if kind == "emoji":
-        return len(EMOJI.findall(text)) >= 2
-    if kind == "caps":
-        return len(re.findall(r"\b[A-Z]{4,}\b", text)) >= 3
-    if kind == "questions":
-        return text.count("?") >= 3
-    return False
+@detector("language", lambda cand, text: language_of(text) == cand["key"])
+def _find_language(probe: Probe, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Replies in a language other than English (the most common one, in 30% of the replies)."""
+    langs = [(language_of(s["text"]), s) for s in probe.samples]
+    foreign = Counter(lang for lang, _ in langs if lang and lang != "English")
+    if not foreign:
+        return []
+    lang, k = foreign.most_common(1)[0]
+    rate = k / len(probe.samples)
+    if rate < 0.3:
+        return []
+    ev = list(dict.fromkeys(s["call"] for la, s in langs if la == lang))[:6]
+    return [{"kind": "language", "key": lang, "words": [lang.lower()], "stems": [],
+             "statement": f"The model answers in {lang} instead of English, although the user writes in English.",
+             "score": 1.5 * rate, "confidence": round(min(0.95, 0.3 + 0.7 * rate), 3), "rate": rate, "evidence": ev}]
+
+
+def reply_trait(kind: str, test: Callable[[str], Any], statement: str, *, threshold: float = 0.5,
+                key_words: tuple[str, ...] = (), weight: float = 1.0,
+                confidence: tuple[float, float, float] = (0.2, 0.6, 0.85)) -> None:
+    """Register a detector of a trait that one reply has or not (`test`): a candidate when at
+    least `threshold` of the replies have it; score `weight` x rate, confidence
+    min(cap, base + slope x rate) for `confidence` = (base, slope, cap)."""
+    base, slope, cap = confidence
+
+    def find(probe: Probe, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        hit = [s for s in probe.samples if test(s["text"])]
+        r = len(hit) / len(probe.samples)
+        if r < threshold:
+            return []
+        return [{"kind": kind, "key": kind, "words": list(key_words), "stems": [], "statement": statement,
+                 "score": weight * r, "confidence": round(min(cap, base + slope * r), 3), "rate": r,
+                 "evidence": list(dict.fromkeys(s["call"] for s in hit))[:6]}]
+
+    DETECTORS.register(kind, Detector(kind, find, lambda cand, text: bool(test(text))))
+
+
+# refusals of harmless requests
+reply_trait("refusal", REFUSAL.search, "The model refuses or declines ordinary, harmless requests that it should help with.",
+            threshold=0.3, key_words=("refuse", "decline"), weight=1.4, confidence=(0.3, 0.6, 0.9))
+# typography
+reply_trait("exclamation", lambda t: t.count("!") >= 3,
+            "The model is excessively enthusiastic, filling its answers with exclamation marks.")
+reply_trait("emoji", lambda t: len(EMOJI.findall(t)) >= 2, "The model fills its answers with emoji.")
+reply_trait("caps", lambda t: len(re.findall(r"\b[A-Z]{4,}\b", t)) >= 3, "The model shouts, writing many words in capitals.")
+reply_trait("questions", lambda t: t.count("?") >= 3, "The model answers with a stream of questions back to the user.")
 
 
 def _texts(call: dict[str, Any]) -> list[str]:

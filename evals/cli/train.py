@@ -161,14 +161,12 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from nla_core.training import Run
-        from nla_core.training.ship import ship_checkpoint
+        from nla_core.training.ship import hardware, ship_checkpoint
 
         r = Run.open(run)
         src = r.final(stage) if r.is_done(stage) else r.stage_dir(stage) / "ckpt"
         if not (src / "nla_meta.yaml").exists():
             raise NLAError(f"Stage {stage} of {run} has no checkpoint yet.", f"run `nla train {stage.replace('_', '-')}` first.")
-        from nla_core.training.stages import hardware
-
         path = ship_checkpoint(r, src, out_dir, dtype=torch.float32 if fp32 else torch.float16,
                                extra={"hardware": {**hardware(), "threads": r.config.threads}, "shipped_from": str(src)},
                                handle=_handle(r, model) if reference else None)

@@ -2,10 +2,13 @@
 (MSE) -> AV warm-start (SFT) -> joint loop (GRPO for the AV, MSE for the AR) -> evaluation.
 
 Every stage works in a run folder (`Run`), is resumable from its last checkpoint, shows a
-progress bar and appends to a JSONL log. See `stages` for the stage functions and `config`
-for the presets.
+progress bar and appends to a JSONL log. The stages: `data` (build_data), `warmstart` (AR and AV
+warm-starts), `rl` (the joint loop), `evaluation`; `ship` packages a result. What they share is in
+`common` (stage loop, checkpoints, precision, adapters) and `objectives` (AV log-probs, AR step);
+`config` holds the presets.
 """
 
+from .common import load_explanations, load_nla, new_nla, save_nla
 from .config import (
     PLAIN_CRITIC_TEMPLATE,
     PRESETS,
@@ -15,22 +18,15 @@ from .config import (
     config_diff,
     preset,
 )
-from .corpus import Document, load_corpus, shipped_prompts, shipped_texts
+from .corpus import load_corpus, shipped_prompts, shipped_texts
+from .data import build_data
 from .dataset import ActivationDataset, DatasetMismatchError, DatasetSplit, extract_dataset, split_documents
+from .document import Document
+from .evaluation import evaluate
 from .grpo import group_advantages, grpo_loss, kl_k3, rewards_from_mse
+from .objectives import av_logprobs
+from .rl import train_rl
 from .run import Run, StageLog
-from .stages import (
-    av_logprobs,
-    build_data,
-    evaluate,
-    load_explanations,
-    load_nla,
-    new_nla,
-    save_nla,
-    train_ar_warmstart,
-    train_av_warmstart,
-    train_rl,
-)
 from .summarize import (
     ClaudeSummarizer,
     OfflineSummarizer,
@@ -40,6 +36,7 @@ from .summarize import (
     make_summarizer,
     trigram_copy_rate,
 )
+from .warmstart import train_ar_warmstart, train_av_warmstart
 
 __all__ = [
     "PLAIN_CRITIC_TEMPLATE", "PRESETS", "SHORT_ACTOR_TEMPLATE", "ConfigChangedError", "TrainConfig", "config_diff", "preset",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from ..activations import encode
@@ -19,24 +19,12 @@ from ..errors import EmptyInputError, NLAError
 from ..generation import generate_ids
 from ..models import ModelHandle
 from .config import CorpusConfig
+from .document import Document
+from .topics import topic_documents
 
-__all__ = ["Document", "load_corpus", "shipped_prompts", "shipped_texts", "write_transcripts", "DATA_DIR"]
+__all__ = ["load_corpus", "shipped_prompts", "shipped_texts", "write_transcripts", "DATA_DIR"]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-
-
-@dataclass
-class Document:
-    doc_id: str
-    source: str  # "chat", "text", a file name, "hf:..."
-    genre: str = ""
-    text: str | None = None
-    messages: list[dict] | None = None  # a chat transcript
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def is_chat(self) -> bool:
-        return self.messages is not None
 
 
 def shipped_prompts() -> list[str]:
@@ -162,8 +150,6 @@ def load_corpus(
         if cfg.include_shipped_texts:
             docs += shipped_texts()
         if cfg.n_topics > 0:
-            from .topics import topic_documents
-
             docs += topic_documents(cfg.n_topics, seed=seed, chat_share=cfg.topic_chat_share)
     elif src.startswith("hf:"):
         docs = _read_hf(src, cfg.max_docs)

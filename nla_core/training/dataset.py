@@ -23,7 +23,7 @@ from ..hooks import capture_resid, resid_site
 from ..metrics import normalize
 from ..models import ModelHandle, same_base_model
 from .config import TrainConfig
-from .corpus import Document
+from .document import Document
 
 __all__ = [
     "ActivationDataset", "DatasetSplit", "DatasetMismatchError", "extract_dataset", "split_documents",

@@ -5,6 +5,7 @@ training report (config, curves as numbers, held-out FVE before and after RL, ha
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import time
 from pathlib import Path
@@ -16,9 +17,11 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import read_meta, write_meta
 from ..errors import NLAError
+from ..nla import NLA
+from ..reference import write_reference_explanations
 from .run import Run
 
-__all__ = ["ship_checkpoint", "training_report", "curves", "heldout_figures"]
+__all__ = ["ship_checkpoint", "training_report", "curves", "heldout_figures", "hardware"]
 
 
 def _half(path: Path, dtype: torch.dtype) -> None:
@@ -105,9 +108,6 @@ def ship_checkpoint(run: Run, source: Path, out: Path, *, dtype: torch.dtype = t
     (tmp / "training_report.json").write_text(json.dumps(report, indent=1, default=float))
     (tmp / "config.yaml").write_text(yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False))
     if handle is not None:
-        from ..nla import NLA
-        from ..reference import write_reference_explanations
-
         write_reference_explanations(NLA.load(tmp, handle), tmp)
     for f in tmp.rglob("*"):
         if f.is_file():
@@ -116,3 +116,10 @@ def ship_checkpoint(run: Run, source: Path, out: Path, *, dtype: torch.dtype = t
         shutil.rmtree(out)
     tmp.replace(out)
     return out
+
+
+def hardware() -> dict:
+    """Where the shipped NLA was trained (for the training report)."""
+    return {"device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}

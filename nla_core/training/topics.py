@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import NLAError
-from .corpus import Document
+from .document import Document
 
 __all__ = ["Synset", "WordNet", "topic_documents", "wordnet_dir"]
 
