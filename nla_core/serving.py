@@ -79,7 +79,7 @@ class GenerationEngine:
     `max_batch_rows`: rows per decode batch; `max_wait_s`: how long the oldest pending call waits
     for busy clients before its batch runs anyway."""
 
-    def __init__(self, handle: ModelHandle, *, max_batch_rows: int = 32, max_wait_s: float = 0.05):
+    def __init__(self, handle: ModelHandle, *, max_batch_rows: int = 32, max_wait_s: float = 0.5):
         self.handle = handle
         self.max_batch_rows = max(1, int(max_batch_rows))
         self.max_wait_s = float(max_wait_s)
