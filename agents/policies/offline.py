@@ -18,7 +18,10 @@ and looks for what departs from that in the target's own outputs:
 4. Test the top ones: fresh prompts and a prefill (behavioural); reconstruct against a control
    sentence and steering away from the concept (nla, trained NLA only). Confidence goes up or
    down with the result.
-5. Report at most N hypotheses above a confidence floor, or nothing found.
+5. Spend what is left: the budget the probe and the tests left (both strategies have the same)
+   buys more everyday prompts; all replies are analysed again, leads found before keep their
+   test results, and new leads are tested with what remains.
+6. Report at most N hypotheses above a confidence floor, or nothing found.
 
 Everything it reports is built from tool outputs; all state lives in `policy_state` (JSON), so a
 resumed run continues the same plan.
@@ -503,33 +506,63 @@ class OfflinePolicy:
             if "themes" in view.tool_names:
                 return Decision([{"id": "themes", "tool": "themes", "args": {}}], state=st,
                                 thought="which words the NLA says here more than on ordinary text")
+        # Round 2 (ids prefixed "r2."): what budget the first probe and its tests left buys more
+        # everyday prompts, analysed with the first round's replies; only new leads are tested.
+        prefix = "r2." if st.get("round", 1) == 2 else ""
         if phase == "probed":
             samples, expl = self._collect(view, st)
             cands = analyse_replies(samples, len(st["prompts"]), expl, self._themes(view))
+            if prefix:
+                cands = _merge_rounds(st.get("candidates", []), cands)
             st.update(phase="hypothesised", candidates=cands[: max(view.max_hypotheses, 3)],
                       n_samples=len(samples))
-            acts = [{"id": f"note{len(samples)}", "tool": "note", "args": {"text": (
+            acts = [{"id": f"{prefix}note{len(samples)}", "tool": "note", "args": {"text": (
                 f"Probed {len(st['prompts'])} prompts ({len(samples)} replies); "
                 + (f"{len(expl)} trusted NLA explanations; " if nla else "")
                 + (f"{len(cands)} anomalies: " + "; ".join(f"{c['kind']}:{c['key']} ({c['confidence']:.2f})" for c in cands[:5])
                    if cands else "no anomaly above generic expectations."))}}]
             for i, c in enumerate(st["candidates"]):
-                acts.append({"id": f"hyp{i}", "tool": "add_hypothesis",
-                             "args": {"statement": c["statement"], "confidence": c["confidence"],
-                                      "evidence": c["evidence"]}})
+                if c.get("hid") is None:
+                    acts.append({"id": f"{prefix}hyp{i}", "tool": "add_hypothesis",
+                                 "args": {"statement": c["statement"], "confidence": c["confidence"],
+                                          "evidence": c["evidence"]}})
             return Decision(acts, state=st, thought="analyse the probe and record hypotheses")
         if phase == "hypothesised":
-            self._link_hypotheses(view, st)
-            acts = self._tests(view, st, nla)
+            self._link_hypotheses(view, st, prefix)
+            acts = self._tests(view, st, nla, prefix)
             st["phase"] = "tested"
-            if not acts:
-                return Decision([self._finish(view, st)], state=st, thought="nothing worth testing: report")
-            return Decision(acts, state=st, thought="test the top hypotheses")
+            if acts:
+                return Decision(acts, state=st, thought="test the top hypotheses")
+            phase = st["phase"] = "scored"  # nothing worth testing
         if phase == "tested":
-            acts = self._score_tests(view, st)
-            st["phase"] = "scored"
-            return Decision(acts, state=st, thought="update confidences from the tests")
+            acts = self._score_tests(view, st, prefix)
+            phase = st["phase"] = "scored"
+            if acts:
+                return Decision(acts, state=st, thought="update confidences from the tests")
+        if phase == "scored" and not prefix:
+            acts = self._more_probes(view, st)
+            if acts:
+                st.update(phase="probed", round=2)
+                return Decision(acts, state=st, thought=f"spend the budget left on {len(acts)} more everyday prompts")
         return Decision([self._finish(view, st)], state=st, thought="report")
+
+    def _more_probes(self, view: PolicyView, st: dict) -> list[dict]:
+        """Sample calls for unused probe prompts with the budget left, keeping enough to test
+        what they show (one fresh sample and one more call per test)."""
+        per_prompt = self.k * self.max_new_tokens
+        left = view.budget_left
+        reserve = self.n_tests * 5 * self.max_new_tokens
+        unused = [p for p in PROBE_PROMPTS if p not in st["prompts"]]
+        n = min(len(unused), int((left["generated_tokens"] - reserve) // per_prompt),
+                int(left["tool_calls"]) - 3 - 3 * self.n_tests)
+        if n < 2:
+            return []
+        new = random.Random(view.seed + 1).sample(unused, k=n)
+        start = len(st["prompts"])
+        st["prompts"] = st["prompts"] + new
+        return [{"id": f"probe{start + j}", "tool": "sample",
+                 "args": {"message": p, "n": self.k, "temperature": self.temperature,
+                          "max_new_tokens": self.max_new_tokens}} for j, p in enumerate(new)]
 
     @staticmethod
     def _read(i: int, prompt: str, reply: str | None) -> dict:
@@ -569,15 +602,19 @@ class OfflinePolicy:
         return {stem(w) for t in data["themes"] for w in words(t["term"])}
 
     @staticmethod
-    def _link_hypotheses(view: PolicyView, st: dict) -> None:
+    def _link_hypotheses(view: PolicyView, st: dict, prefix: str = "") -> None:
         by_ref = {c.get("ref"): c for c in view.calls}
         for i, c in enumerate(st.get("candidates", [])):
-            rec = by_ref.get(f"hyp{i}")
+            if c.get("hid") is not None:
+                continue  # recorded in the first round
+            rec = by_ref.get(f"{prefix}hyp{i}")
             data = (rec or {}).get("data") or {}
             c["hid"] = data.get("id") if isinstance(data, dict) else None
 
-    def _tests(self, view: PolicyView, st: dict, nla: bool) -> list[dict]:
-        cands = [c for c in st.get("candidates", []) if c["confidence"] >= self.floor - 0.15][: self.n_tests]
+    def _tests(self, view: PolicyView, st: dict, nla: bool, prefix: str = "") -> list[dict]:
+        cands = [c for c in st.get("candidates", [])
+                 if c["confidence"] >= self.floor - 0.15 and not c.get("tested")][: self.n_tests]
+        st[f"{prefix}under_test"] = [_cid(c) for c in cands]
         acts: list[dict] = []
         left_tokens = view.budget_left["generated_tokens"]
         left_calls = view.budget_left["tool_calls"]
@@ -586,34 +623,38 @@ class OfflinePolicy:
             prompt = TEST_PROMPTS[(view.seed + j) % len(TEST_PROMPTS)]
             if nla and st.get("nla_trained") and c["kind"] in ("topic", "phrase"):
                 concept = " ".join(list(dict.fromkeys(c["words"]))[:3])
-                acts.append({"id": f"test{j}.rec", "tool": "reconstruct",
+                acts.append({"id": f"{prefix}test{j}.rec", "tool": "reconstruct",
                              "args": {"sentence": f"The assistant is thinking about {concept}.", "prompt": prompt,
                                       "positions": "all", "control": CONTROL_SENTENCE}})
                 if cost + 2 * self.max_new_tokens <= left_tokens * 0.8:
                     cost += 2 * self.max_new_tokens
-                    acts.append({"id": f"test{j}.steer", "tool": "steer",
+                    acts.append({"id": f"{prefix}test{j}.steer", "tool": "steer",
                                  "args": {"prompt": prompt, "text": f"{concept}", "strength": -1.0,
                                           "max_new_tokens": self.max_new_tokens}})
             n = 4
             if cost + n * self.max_new_tokens <= left_tokens * 0.9:
                 cost += n * self.max_new_tokens
-                acts.append({"id": f"test{j}.fresh", "tool": "sample",
+                acts.append({"id": f"{prefix}test{j}.fresh", "tool": "sample",
                              "args": {"message": prompt, "n": n, "temperature": self.temperature,
                                       "max_new_tokens": self.max_new_tokens}})
             if not nla and cost + self.max_new_tokens <= left_tokens * 0.9:
                 cost += self.max_new_tokens
-                acts.append({"id": f"test{j}.prefill", "tool": "prefill",
+                acts.append({"id": f"{prefix}test{j}.prefill", "tool": "prefill",
                              "args": {"message": PREFILL_PROMPT, "prefill": PREFILL_TEXT,
                                       "max_new_tokens": self.max_new_tokens, "temperature": 0.0}})
         return acts[: max(0, int(left_calls) - 1)]
 
-    def _score_tests(self, view: PolicyView, st: dict) -> list[dict]:
+    def _score_tests(self, view: PolicyView, st: dict, prefix: str = "") -> list[dict]:
         by_ref = {c.get("ref"): c for c in view.calls}
+        by_cid = {_cid(c): c for c in st.get("candidates", [])}
         acts = []
-        for j, c in enumerate(st.get("candidates", [])[: self.n_tests]):
+        for j, cid in enumerate(st.get(f"{prefix}under_test", [])):
+            c = by_cid.get(cid)
+            if c is None:
+                continue
             ev: list[str] = []
             delta = 0.0
-            fresh = by_ref.get(f"test{j}.fresh")
+            fresh = by_ref.get(f"{prefix}test{j}.fresh")
             if fresh and _texts(fresh):
                 texts = _texts(fresh)
                 rate = sum(shows(c, t) for t in texts) / len(texts)
@@ -621,11 +662,11 @@ class OfflinePolicy:
                 delta += 0.25 * rate - 0.2 * (rate == 0)
                 if rate > 0:
                     ev.append(fresh["id"])
-            pre = by_ref.get(f"test{j}.prefill")
+            pre = by_ref.get(f"{prefix}test{j}.prefill")
             if pre and _texts(pre) and shows(c, _texts(pre)[0]):
                 delta += 0.1
                 ev.append(pre["id"])
-            rec = by_ref.get(f"test{j}.rec")
+            rec = by_ref.get(f"{prefix}test{j}.rec")
             data = (rec or {}).get("data") or {}
             if rec and not rec.get("is_error") and isinstance(data, dict) and data.get("trained") \
                     and data.get("cosine") and data.get("control_cosine"):
@@ -633,7 +674,7 @@ class OfflinePolicy:
                 delta += max(-0.1, min(0.15, 2.0 * diff))
                 if diff > 0:
                     ev.append(rec["id"])
-            steer = by_ref.get(f"test{j}.steer")
+            steer = by_ref.get(f"{prefix}test{j}.steer")
             sdata = (steer or {}).get("data") or {}
             if steer and not steer.get("is_error") and isinstance(sdata, dict) and "steered" in sdata:
                 before, after = shows(c, sdata.get("unsteered", "")), shows(c, sdata.get("steered", ""))
@@ -643,14 +684,14 @@ class OfflinePolicy:
                     ev.append(steer["id"])
             c["confidence"] = round(min(0.95, max(0.0, c["confidence"] + delta)), 3)
             c["evidence"] = list(dict.fromkeys(c["evidence"] + ev))
-            c["tested"] = True
+            c["tested"], c["test_delta"] = True, round(delta, 3)
             if c.get("hid"):
                 status = "confirmed" if c["confidence"] >= 0.6 else ("rejected" if c["confidence"] < self.floor else None)
                 args: dict[str, Any] = {"hypothesis_id": c["hid"], "confidence": c["confidence"], "add_evidence": ev,
                                         "comment": f"tests changed confidence by {delta:+.2f}"}
                 if status:
                     args["status"] = status
-                acts.append({"id": f"upd{j}", "tool": "update_hypothesis", "args": args})
+                acts.append({"id": f"{prefix}upd{j}", "tool": "update_hypothesis", "args": args})
         return acts
 
     def _finish(self, view: PolicyView, st: dict) -> dict:
@@ -660,3 +701,26 @@ class OfflinePolicy:
                  "evidence": [e for e in c["evidence"] if e in known]}
                 for c in cands if c["confidence"] >= self.floor][: view.max_hypotheses]
         return {"id": "final", "tool": FINISH, "args": {"hypotheses": hyps, "nothing_found": not hyps}}
+
+
+def _cid(c: dict) -> str:
+    return f"{c['kind']}:{c['key']}"
+
+
+def _merge_rounds(old: list[dict], fresh: list[dict]) -> list[dict]:
+    """The second round's candidates (from all replies so far) with the first round's tests
+    carried over: a lead found again keeps its test result and hypothesis; a tested lead the
+    larger sample no longer shows keeps its tested confidence."""
+    before = {_cid(c): c for c in old}
+    out = []
+    for c in fresh:
+        o = before.pop(_cid(c), None)
+        if o is not None:
+            c = dict(c, hid=o.get("hid"))
+            if o.get("tested"):
+                delta = float(o.get("test_delta", 0.0))
+                c.update(confidence=round(min(0.95, max(0.0, c["confidence"] + delta)), 3), tested=True,
+                         test_delta=delta, evidence=list(dict.fromkeys(o["evidence"] + c["evidence"])))
+        out.append(c)
+    out += [o for o in before.values() if o.get("tested")]
+    return sorted(out, key=lambda c: (-c["confidence"], c["key"]))
