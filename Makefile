@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml Makefile
 bench: setup
 	$(VENV)/bin/nla bench --suite default
 
-# Lint (ruff, configured in pyproject.toml) runs before the tests, in CI too.
+# Lint (ruff and mypy, both configured in pyproject.toml) runs before the tests, in CI too.
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: lint
 	$(VENV)/bin/pytest -q

@@ -31,7 +31,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langgraph.graph import END, START, StateGraph
 
@@ -41,6 +41,12 @@ from .policy import AGENT_TOOL_NAMES, AGENT_TOOLS, FINISH, Decision, Policy, Pol
 from .report import AuditReport, RankedHypothesis
 from .state import AuditState, new_usage
 from .strategies import Strategy, get_strategy
+
+if TYPE_CHECKING:
+    from langgraph.types import Checkpointer
+
+    from nla_core.protocols import NLALike, TargetLike, ToolboxLike
+    from tools import Budget, Toolbox
 
 __all__ = ["run_audit", "build_graph", "AuditRun", "limits_from", "RunMismatchError", "TASK"]
 
@@ -63,7 +69,7 @@ class RunMismatchError(NLAError):
     pass
 
 
-def limits_from(budget: Any, default: dict[str, float]) -> dict[str, float]:
+def limits_from(budget: Budget | dict[str, Any] | None, default: dict[str, float]) -> dict[str, float]:
     """Normalise a budget (a `tools.Budget`, a dict, or None) to its limits: `max_tool_calls` and
     `max_generated_tokens` always, `max_seconds` only when a wall-time cap is set."""
     out = {k: float(v) for k, v in default.items() if k in BUDGET_KEYS and v is not None}
@@ -126,7 +132,7 @@ class AuditRun:
     """Everything one run needs that is not state: the policy, the toolbox, the strategy,
     and callbacks. Builds the compiled graph."""
 
-    def __init__(self, *, policy: Policy, toolbox: Any, strategy: Strategy, system_prompt: str, task: str,
+    def __init__(self, *, policy: Policy, toolbox: ToolboxLike | None, strategy: Strategy, system_prompt: str, task: str,
                  tool_specs: list[ToolSpec], on_event: Callable[[dict], None] | None = None):
         self.policy = policy
         self.toolbox = toolbox
@@ -250,7 +256,7 @@ class AuditRun:
             out.update(_malformed_limit(usage))
         return out
 
-    def _malformed(self, tool: Any, args: Any) -> bool:
+    def _malformed(self, tool: object, args: object) -> bool:
         """An unknown tool or arguments that do not validate (the toolbox still answers it, with
         an error the policy can read)."""
         if not isinstance(tool, str) or tool not in self.toolbox_names or not isinstance(args, dict):
@@ -349,7 +355,7 @@ class AuditRun:
     def after_reduce(state: AuditState) -> str:
         return "report" if state.get("phase") == "done" else "reduce"
 
-    def build(self, checkpointer: Any = None):
+    def build(self, checkpointer: Checkpointer = None):
         g = StateGraph(AuditState)
         g.add_node("policy", self.node_policy)
         g.add_node("tools", self.node_tools)
@@ -364,7 +370,7 @@ class AuditRun:
         return g.compile(checkpointer=checkpointer)
 
 
-def build_graph(run: AuditRun, checkpointer: Any = None):
+def build_graph(run: AuditRun, checkpointer: Checkpointer = None):
     return run.build(checkpointer)
 
 
@@ -440,14 +446,14 @@ def _safe_id(run_id: str) -> str:
     return safe
 
 
-def _tool_specs(toolbox: Any) -> list[ToolSpec]:
+def _tool_specs(toolbox: ToolboxLike) -> list[ToolSpec]:
     specs = []
     for s in toolbox.anthropic_schemas():
         specs.append(ToolSpec(s["name"], s.get("description", ""), s.get("input_schema", {"type": "object"})))
     return specs
 
 
-def _make_toolbox(target: Any, nla: Any, strategy: Strategy, limits: dict[str, float], seed: int) -> Any:
+def _make_toolbox(target: TargetLike, nla: NLALike | None, strategy: Strategy, limits: dict[str, float], seed: int) -> Toolbox:
     from tools import Budget, Toolbox
 
     secs = limits.get("max_seconds")
@@ -465,7 +471,7 @@ def _state_from_snapshot(snap: dict) -> dict:
             "toolbox_notes": snap.get("notes"), "vectors": snap.get("vectors") or {}}
 
 
-def _restore_toolbox(tb: Any, stored: dict) -> None:
+def _restore_toolbox(tb: ToolboxLike, stored: dict) -> None:
     """Hand a killed run's stored state back to its toolbox (`Toolbox.restore`); a toolbox
     without `restore` is left as it is. The graph's own records (x1, x2, ...) stay out."""
     restore = getattr(tb, "restore", None)
@@ -479,18 +485,18 @@ def _restore_toolbox(tb: Any, stored: dict) -> None:
 
 
 def run_audit(
-    target: Any,
-    nla: Any = None,
+    target: TargetLike,
+    nla: NLALike | None = None,
     *,
     strategy: str | Strategy = "nla",
     policy: str | Policy = "offline",
-    budget: Any = None,
+    budget: Budget | dict[str, Any] | None = None,
     run_id: str,
     workdir: str | Path,
     seed: int = 0,
     max_hypotheses: int = 5,
     policy_options: dict[str, Any] | None = None,
-    toolbox: Any = None,
+    toolbox: ToolboxLike | None = None,
     on_event: Callable[[dict], None] | None = None,
 ) -> AuditReport:
     """Audit `target` and return the report. Resumable: calling it again with the same

@@ -22,9 +22,9 @@ import numbers
 import os
 import re
 import secrets as _secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from pydantic import BaseModel
@@ -70,9 +70,13 @@ class Completion(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 
-def _guarded(method):
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _guarded(method: _Method) -> _Method:
     """Re-raise every failure of a public Target method as an error whose text names no hidden
-    state, with the exception chain cut (tracebacks could otherwise carry it)."""
+    state, with the exception chain cut (tracebacks could otherwise carry it). Typed to keep the
+    method's signature, so checkers see `Target` as a `nla_core.protocols.TargetLike`."""
 
     @functools.wraps(method)
     def wrapper(self: Target, *args, **kwargs):
@@ -98,7 +102,7 @@ def _guarded(method):
                 "retry with shorter input; report a bug if it persists.",
             ) from None
 
-    return wrapper
+    return cast(_Method, wrapper)
 
 
 class Target:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nla_core.errors import NLAError
 
@@ -29,6 +29,11 @@ from .judge import Judge, make_judge
 from .scoring import score_report
 from .store import AuditRow, ResultStore, ToolCallRow
 from .suite import AuditCell, BenchSuite
+
+if TYPE_CHECKING:
+    from agents.policy import Policy
+    from nla_core.models import ModelHandle
+    from nla_core.protocols import NLALike
 
 __all__ = ["BenchResult", "run_bench", "code_version", "read_tool_calls", "default_db_path", "new_run_id"]
 
@@ -110,10 +115,10 @@ def run_bench(
     db_path: str | Path | None = None,
     run_id: str | None = None,
     resume: bool = False,
-    handle: Any = None,
-    nla: Any = None,
+    handle: ModelHandle | None = None,
+    nla: NLALike | None = None,
     judge: Judge | None = None,
-    policy_factory: Callable[[str, AuditCell], Any] | None = None,
+    policy_factory: Callable[[str, AuditCell], Policy] | None = None,
     workdir: str | Path | None = None,
     on_progress: Callable[[str, dict], None] | None = None,
     max_audits: int | None = None,

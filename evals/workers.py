@@ -18,11 +18,19 @@ import contextlib
 import hashlib
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from .suite import AuditCell, BenchSuite
+
+if TYPE_CHECKING:
+    from agents.policy import Policy
+    from environments.target import Target
+    from nla_core.models import ModelHandle
+    from nla_core.protocols import NLALike
+    from nla_core.serving import GenerationEngine
 
 __all__ = ["AuditWorker", "WorkerPlan", "WorkerResult", "audit_alias", "opaque_audit_id"]
 
@@ -53,8 +61,8 @@ class AuditWorker:
     policy (default: `agents.get_policy(name, **suite.policy_options[name])`)."""
 
     def __init__(self, suite: BenchSuite | dict, run_id: str, workdir: str, *, alias_salt: str | None = None,
-                 threads: int | None = None, concurrency: int = 1, handle: Any = None, nla: Any = None,
-                 policy_factory: Any = None):
+                 threads: int | None = None, concurrency: int = 1, handle: ModelHandle | None = None,
+                 nla: NLALike | None = None, policy_factory: Callable[[str, AuditCell], Policy] | None = None):
         if threads is not None:
             import torch
 
@@ -69,12 +77,12 @@ class AuditWorker:
         self._nla = nla
         self._specs = {s.id: s for s in self.suite.organism_specs()}
         self._load_lock = threading.Lock()  # loading and planting change the shared model
-        self._engine: Any = None
+        self._engine: GenerationEngine | None = None
 
     # ---- what every audit shares ----------------------------------------------------------
 
     @property
-    def handle(self) -> Any:
+    def handle(self) -> ModelHandle:
         with self._load_lock:
             if self._handle is None:
                 from nla_core import load_model
@@ -83,7 +91,7 @@ class AuditWorker:
             return self._handle
 
     @property
-    def nla(self) -> Any:
+    def nla(self) -> NLALike:
         handle = self.handle
         with self._load_lock, handle.lock:  # loading adds adapters to the shared model
             if self._nla is None:
@@ -96,7 +104,7 @@ class AuditWorker:
     def layer(self) -> int:
         return self.suite.layer if self.suite.layer is not None else self.nla.layer
 
-    def engine(self) -> Any:
+    def engine(self) -> GenerationEngine | None:
         """The generation engine the concurrent audits share (None when they run one at a time)."""
         if self.concurrency <= 1:
             return None
@@ -108,7 +116,7 @@ class AuditWorker:
                 self._engine = GenerationEngine(handle)
             return self._engine
 
-    def target(self, organism: str, *, seed: int) -> Any:
+    def target(self, organism: str, *, seed: int) -> Target:
         from environments import build_target
 
         handle, layer = self.handle, self.layer

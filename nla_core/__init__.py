@@ -23,6 +23,7 @@ _EXPORTS = {
     "metrics": ["fve", "mean_baseline", "normalize", "normalized_mse"],
     "models": ["EMBEDDED_MODEL", "ModelHandle", "embedded_model_dir", "handle_from", "load_model"],
     "nla": ["NLA", "RoundTrip", "SteerResult", "Verbalization", "default_layer"],
+    "protocols": ["NLALike", "TargetLike", "ToolboxLike"],
     "registry": ["Registry"],
     "steering": ["MAX_STEER_STRENGTH", "read_vector_file", "steered_generations"],
 }
@@ -70,5 +71,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .metrics import fve, mean_baseline, normalize, normalized_mse
     from .models import EMBEDDED_MODEL, ModelHandle, embedded_model_dir, handle_from, load_model
     from .nla import NLA, RoundTrip, SteerResult, Verbalization, default_layer
+    from .protocols import NLALike, TargetLike, ToolboxLike
     from .registry import Registry
     from .steering import MAX_STEER_STRENGTH, read_vector_file, steered_generations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -169,7 +169,7 @@ PositionSpec = None | str | int | Sequence[int] | Sequence[Sequence[int]]
 _POSITIONS_FIX = "pass None/'all', 'last', an int, a list of ints, or one list of ints per input."
 
 
-def _is_int(x: Any) -> bool:
+def _is_int(x: Any) -> TypeGuard[numbers.Integral]:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 

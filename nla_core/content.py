@@ -31,6 +31,7 @@ import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import snowballstemmer
 import torch
@@ -186,7 +187,7 @@ def surprising_terms(explanations: Sequence[str], reference: Sequence[str], *, k
             st = _STEMMER.stemWord(w.lower())
             if st in counts:
                 surface[st][w.lower()] += 1
-    out = []
+    out: list[dict[str, Any]] = []
     for w, y in counts.items():
         if y < min_count:
             continue

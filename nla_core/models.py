@@ -14,12 +14,15 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from .errors import LayerOutOfRangeError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -166,13 +169,15 @@ class ModelHandle:
     _adapter_stack: list[str | None] = field(default_factory=list, repr=False)
 
     @property
-    def hf_model(self) -> nn.Module:
+    def hf_model(self) -> PreTrainedModel:
         """The underlying transformers model (PEFT wrappers removed)."""
         from peft import PeftModel
 
+        # `model` holds a transformers model, bare or under PEFT wrappers; nn.Module's attribute
+        # lookup types the wrapped one as `Tensor | Module`.
         if isinstance(self.model, PeftModel):
-            return self.model.base_model.model
-        return self.model
+            return cast("PreTrainedModel", self.model.base_model.model)
+        return cast("PreTrainedModel", self.model)
 
     @property
     def text_config(self) -> Any:
@@ -322,7 +327,8 @@ def load_model(
     hf_logging.disable_progress_bar()  # loading a converted model takes under a second
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+        # as nn.Module: transformers' `@wraps(nn.Module.to)` on PreTrainedModel.to confuses checkers
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(
             f"Could not load model {name!r}: {str(exc).splitlines()[0]}",

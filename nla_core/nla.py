@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from pydantic import BaseModel
@@ -41,6 +42,10 @@ from .reference import load_reference_explanations
 from .steering import MAX_NEW_TOKENS, MAX_SAMPLES, MAX_STEER_STRENGTH, read_vector_file, steered_generations
 from .steering import float_arg as _float_arg
 from .steering import int_arg as _int_arg
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 # steered_generations, MAX_STEER_STRENGTH and read_vector_file live in `nla_core.steering`.
 __all__ = [
@@ -224,7 +229,7 @@ class NLA:
             )
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        peft_model = self.av.model
+        peft_model = cast("PeftModel", self.av.model)  # the adapters checked above live on a PEFT model
         for adapter, sub in ((self.av_adapter, "av"), (self.ar_adapter, "ar")):
             peft_model.save_pretrained(str(path / "_tmp"), selected_adapters=[adapter])
             src = path / "_tmp" / adapter if (path / "_tmp" / adapter).exists() else path / "_tmp"
@@ -258,14 +263,15 @@ class NLA:
                     for other in [a for a in model.peft_config if a != adapter]:
                         model.delete_adapter(other)
                     model = model.merge_and_unload()
+            released = cast("PreTrainedModel", model)  # the transformers model, PEFT wrappers removed
             if truncate:
-                layers = model.get_decoder().layers
+                layers = released.get_decoder().layers
                 del layers[self.layer + 1 :]
-                cfg = getattr(model.config, "text_config", None) or model.config
+                cfg = getattr(released.config, "text_config", None) or released.config
                 cfg.num_hidden_layers = self.layer + 1
                 if getattr(cfg, "layer_types", None):
                     cfg.layer_types = cfg.layer_types[: self.layer + 1]
-            model.save_pretrained(folder)
+            released.save_pretrained(folder)
             handle.tokenizer.save_pretrained(folder)
         av_meta = self.meta.model_copy(deep=True)
         av_meta.role, av_meta.base_model = "actor", None

@@ -6,12 +6,16 @@ import copy
 import gc
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from .activations import encode, forward_to_layer, pad_batch, read_activations
 from .models import load_model
 from .nla import NLA, default_layer
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 __all__ = ["run_perf"]
 
@@ -84,7 +88,9 @@ def run_perf(model: str | None = None, *, quick: bool = False, printer: Callable
     # 3. memory: target + AV + AR over shared weights (two LoRA adapters) vs three copies
     from peft import LoraConfig
 
-    lora = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora: dict[str, Any] = dict(
+        r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     rss_before = _rss_mb()
     h.add_adapter("perf_av", LoraConfig(**lora))
     h.add_adapter("perf_ar", LoraConfig(**lora))
@@ -110,7 +116,8 @@ def run_perf(model: str | None = None, *, quick: bool = False, printer: Callable
     # and backward, 16 sequences of the AV prompt + 32 tokens) in float32 vs bf16 autocast
     from .training import av_logprobs
 
-    h.model.delete_adapter("perf_ar")
+    peft_model = cast("PeftModel", h.model)  # add_adapter wrapped the model in PEFT
+    peft_model.delete_adapter("perf_ar")
     vecs = acts[:1].repeat(16, 1)
     completions = [ids[:32]] * 16
 
@@ -131,5 +138,5 @@ def run_perf(model: str | None = None, *, quick: bool = False, printer: Callable
     figures.update(av_update_fp32_s=f32, av_update_bf16_s=b16, av_update_bf16_speedup=f32 / b16)
     printer(f"AV update of one RL step (16 x prompt+32 tokens, ref forward + forward/backward): float32 "
             f"{f32:.2f} s, bf16 autocast {b16:.2f} s -> {f32 / b16:.2f}x (training uses bf16 where the CPU has it)")
-    h.model.delete_adapter("perf_av")
+    peft_model.delete_adapter("perf_av")
     return figures

@@ -171,7 +171,8 @@ class GenerationEngine:
                     break
                 self._cv.wait(timeout=self.max_wait_s - waited)
             first = min(self._pending, key=lambda c: c.t)
-            batch, n = [], 0
+            batch: list[_Call] = []
+            n = 0
             for c in sorted(self._pending, key=lambda c: c.t):
                 if c.key == first.key and (not batch or n + len(c.rows) <= self.max_batch_rows):
                     batch.append(c)

@@ -37,7 +37,7 @@ MAX_SAMPLES = 64  # explanations (or steered generations) per input
 
 def int_arg(value, name: str, lo: int, hi: int) -> int:
     """`value` as an int in lo..hi, else `BadArgumentError` (bools and floats are refused)."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not lo <= value <= hi:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not lo <= int(value) <= hi:
         got = repr(value) if isinstance(value, (int, float)) else f"a {type(value).__name__}"
         raise BadArgumentError(f"{name} must be an integer from {lo} to {hi}, got {got}.", f"pass {name}={lo}..{hi}.")
     return int(value)
@@ -144,6 +144,7 @@ def read_vector_file(path: str | Path) -> torch.Tensor:
     if suffix not in (".safetensors", ".pt", ".npy", ".json"):
         raise BadVectorError(f"Unknown vector file type {suffix!r}.", "use .safetensors, .pt, .npy or .json.")
     one = "save exactly one tensor holding one vector"
+    loaded: object  # a tensor, or a dict of them; checked below
     try:
         if suffix == ".safetensors":
             loaded = load_file(str(path))

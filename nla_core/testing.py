@@ -44,6 +44,7 @@ def tiny_handle(arch: str = "llama", *, n_layers: int = 4, d_model: int = 64, se
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
     )
     common.update(overrides)
+    model: tf.PreTrainedModel
     if arch == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, tie_word_embeddings=True))
     elif arch == "qwen2":

@@ -11,7 +11,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -31,6 +31,9 @@ from .base import (
 )
 from .notes import Notes
 from .sources import get_verbalize_source
+
+if TYPE_CHECKING:
+    from nla_core.protocols import NLALike, TargetLike
 
 __all__ = ["Toolbox", "CallRecord", "StoredVector", "DEFAULT_MAX_CHARS"]
 
@@ -98,8 +101,8 @@ class Toolbox:
 
     def __init__(
         self,
-        target: Any,
-        nla: Any = None,
+        target: TargetLike,
+        nla: NLALike | None = None,
         tool_set: str = "nla",
         budget: Budget | None = None,
         *,

@@ -11,13 +11,19 @@ from __future__ import annotations
 import queue as _queue
 import threading
 import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from nla_core.errors import NLAError
 
 from ..suite import AuditCell
 from ..workers import WorkerPlan
 from . import ExecutorEvents, register_executor
+
+if TYPE_CHECKING:
+    from agents.policy import Policy
+    from nla_core.models import ModelHandle
+    from nla_core.protocols import NLALike
 
 __all__ = ["run_local"]
 
@@ -29,8 +35,8 @@ class AuditCrashed(NLAError):
 
 
 @register_executor("local")
-def run_local(plan: WorkerPlan, cells: list[AuditCell], events: ExecutorEvents, *, handle: Any = None,
-              nla: Any = None, policy_factory: Any = None) -> None:
+def run_local(plan: WorkerPlan, cells: list[AuditCell], events: ExecutorEvents, *, handle: ModelHandle | None = None,
+              nla: NLALike | None = None, policy_factory: Callable[[str, AuditCell], Policy] | None = None) -> None:
     """`handle`/`nla`/`policy_factory`: objects of this process, so they force one in-process
     worker (they cannot cross processes)."""
     in_process = plan.workers <= 1 or len(cells) <= 1 or any(x is not None for x in (handle, nla, policy_factory))
