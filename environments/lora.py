@@ -127,8 +127,7 @@ def train_lora_organism(spec, handle: ModelHandle, params: Any, out_dir: Path, *
     torch.manual_seed(params.seed)
     cfg = LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=0.0,
                      target_modules=list(params.target_modules), task_type="CAUSAL_LM")
-    if _BUILD_ADAPTER in handle.adapters:
-        handle.model.delete_adapter(_BUILD_ADAPTER)
+    handle.delete_adapter(_BUILD_ADAPTER)
     handle.add_adapter(_BUILD_ADAPTER, cfg)
     model = handle.model
     model.set_adapter(_BUILD_ADAPTER)
@@ -180,7 +179,7 @@ def train_lora_organism(spec, handle: ModelHandle, params: Any, out_dir: Path, *
     if handle.adapters == [_BUILD_ADAPTER]:
         handle.model = handle.model.unload()  # back to the plain model
     else:
-        handle.model.delete_adapter(_BUILD_ADAPTER)
+        handle.delete_adapter(_BUILD_ADAPTER)
     data_file = out_dir / "train.jsonl"
     data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return [out_dir, data_file]

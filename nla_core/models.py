@@ -204,6 +204,13 @@ class ModelHandle:
         return self.hf_model.get_input_embeddings()
 
     @property
+    def embedding_matrix(self) -> torch.Tensor:
+        """The input embedding weights [vocab, d], detached, on the CPU."""
+        weight = self.embed.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight.detach().cpu()
+
+    @property
     def device(self) -> torch.device:
         return next(self.hf_model.parameters()).device
 
@@ -276,6 +283,14 @@ class ModelHandle:
             self.model.add_adapter(name, peft_config)
         else:
             self.model = get_peft_model(self.model, peft_config, adapter_name=name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove LoRA adapter `name` (a no-op when it is not loaded)."""
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel) and name in self.model.peft_config:
+            with self.lock:
+                self.model.delete_adapter(name)
 
     def load_adapter(self, path: str | Path, name: str, *, trainable: bool = False) -> None:
         """Load a saved PEFT adapter folder under `name`, keeping the base weights shared."""

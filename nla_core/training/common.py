@@ -120,8 +120,7 @@ def _lora_config(config: TrainConfig, layers: list[int] | None):
 
 
 def _fresh_adapter(handle: ModelHandle, name: str, cfg) -> None:
-    if name in handle.adapters:
-        handle.model.delete_adapter(name)
+    handle.delete_adapter(name)
     handle.add_adapter(name, cfg)
 
 

@@ -115,7 +115,7 @@ def _read_hf(spec: str, limit: int | None) -> list[Document]:
             "set NLA_AUDIT_ALLOW_DOWNLOAD=1 (and be online), or use the offline corpus / a local file.",
         )
     try:
-        import datasets  # type: ignore
+        import datasets
     except ImportError as exc:
         raise NLAError("The `datasets` package is not installed.", "pip install datasets") from exc
     name, _, split = spec[3:].partition(":")

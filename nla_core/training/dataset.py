@@ -164,7 +164,7 @@ def extract_dataset(
     prepared = []
     for doc in docs:
         try:
-            ids = encode(handle, doc.messages if doc.is_chat else doc.text)[: cfg.max_doc_tokens]
+            ids = encode(handle, doc.content)[: cfg.max_doc_tokens]
         except EmptyInputError:
             continue
         # In a topic document, sample only where the topic has been named: earlier positions
@@ -193,6 +193,7 @@ def extract_dataset(
         with handle.use_adapter(None), capture_resid(handle.layers, layer, stop=False) as cap:
             logits = model(input_ids=input_ids.to(handle.device), attention_mask=mask.to(handle.device), use_cache=False).logits
         resid = cap.value
+        assert resid is not None, "the capture hook did not fire"
         for j, (doc, ids, pos) in enumerate(chunk):
             for p in pos:
                 window = ids[max(0, p - 159) : p + 1]

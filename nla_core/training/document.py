@@ -20,3 +20,10 @@ class Document:
     @property
     def is_chat(self) -> bool:
         return self.messages is not None
+
+    @property
+    def content(self) -> list[dict] | str:
+        """What the model reads: the chat transcript, else the text."""
+        if self.messages is not None:
+            return self.messages
+        return self.text or ""

@@ -116,7 +116,7 @@ def _topic_probe(ds: ActivationDataset, handle: ModelHandle, mean: torch.Tensor)
     hv, ht = topic_rows(("heldout",))
     if len(tt) < 2 * handle.d_model or len(set(ht)) < 2:
         return None  # too few topic rows to fit or rank
-    target = topic_word_embeddings(handle.model.get_input_embeddings().weight.detach().cpu(), handle.tokenizer, tt + ht)
+    target = topic_word_embeddings(handle.embedding_matrix, handle.tokenizer, tt + ht)
     return topic_probe(tv, torch.stack([target[t] for t in tt]), hv, ht, {t: target[t] for t in set(ht)}, mean)
 
 

@@ -33,7 +33,7 @@ def probe_layers(handle: ModelHandle, *, n_topics: int = 1500, positions: int = 
     docs = topic_documents(n_topics, seed=seed)
     rows = []
     for d in docs:
-        ids = encode(handle, d.messages if d.is_chat else d.text)[:max_tokens]
+        ids = encode(handle, d.content)[:max_tokens]
         first = _first_mention(tok, ids, d.meta["topic_terms"])
         cands = [p for p in range(max(10, first), len(ids)) if ids[p] not in special]
         if cands:
@@ -44,8 +44,8 @@ def probe_layers(handle: ModelHandle, *, n_topics: int = 1500, positions: int = 
     with handle.use_adapter(None):
         for s in range(0, len(rows), batch_size):
             chunk = rows[s : s + batch_size]
-            ids, mask = pad_batch([c[1] for c in chunk], tok.pad_token_id)
-            out = handle.model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device),
+            batch_ids, mask = pad_batch([c[1] for c in chunk], tok.pad_token_id)
+            out = handle.model(input_ids=batch_ids.to(handle.device), attention_mask=mask.to(handle.device),
                                output_hidden_states=True, use_cache=False)
             for j, (topic, _, pos) in enumerate(chunk):
                 for b in blocks:  # hidden_states[0] is the embedding output, [b + 1] after block b
@@ -53,7 +53,7 @@ def probe_layers(handle: ModelHandle, *, n_topics: int = 1500, positions: int = 
                 topics += [topic] * len(pos)
             if progress:
                 progress(len(chunk))
-    target = topic_word_embeddings(handle.model.get_input_embeddings().weight.detach().cpu(), tok, topics)
+    target = topic_word_embeddings(handle.embedding_matrix, tok, topics)
     names = sorted(set(topics))
     random.Random(seed + 1).shuffle(names)
     held = set(names[: max(2, int(len(names) * held_share))])

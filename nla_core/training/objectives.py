@@ -47,7 +47,9 @@ def _injection(nla: NLA, h: ModelHandle, vectors: torch.Tensor):
     if h is nla.av:
         return nla.injection(vectors)
     t = nla.meta.tokens
-    return inject_at_marker(h.embed, normalize(vectors.float(), nla.meta.extraction.injection_scale),
+    scale = nla.meta.extraction.injection_scale
+    assert t is not None and scale is not None, "an NLA's sidecar names its marker tokens and scale"
+    return inject_at_marker(h.embed, normalize(vectors.float(), scale),
                             marker_id=t.injection_token_id, left_id=t.injection_left_neighbor_id,
                             right_id=t.injection_right_neighbor_id)
 

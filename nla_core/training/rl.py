@@ -106,9 +106,10 @@ def train_rl(run: Run, handle: ModelHandle, *, progress: bool = True, max_steps:
         # 4. AR step(s) on the fresh samples
         ar_mse = None
         if sc.tagged:
+            assert sc.pred is not None  # the AR's forward of the tagged samples
             ar_mse = ar_update(nla, ar_opt, sc.pred, vg[sc.tagged])
             for _ in range(r.ar_steps_per_iter - 1):
-                ar_mse = ar_step(nla, ar_opt, [sc.bodies[i] for i in sc.tagged], vg[sc.tagged], cfg)
+                ar_mse = ar_step(nla, ar_opt, [sc.bodies[i] or "" for i in sc.tagged], vg[sc.tagged], cfg)
         t4 = time.time()
         for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             times[k] += dt
@@ -121,8 +122,8 @@ def train_rl(run: Run, handle: ModelHandle, *, progress: bool = True, max_steps:
                    t_backward_ar=round(t4 - t3, 2))
         loop.done_step(rec, {"fve": f"{fve_tagged:.3f}" if fve_tagged is not None else "-", "tag": f"{rec['tag_fraction']:.2f}"},
                        lambda: {**state, "av_optim": av_opt.state_dict(), "ar_optim": ar_opt.state_dict()})
-    if ref_adapter is not None and ref_adapter in handle.adapters:
-        handle.model.delete_adapter(ref_adapter)
+    if ref_adapter is not None:
+        handle.delete_adapter(ref_adapter)
     spent = sum(times.values())
     return loop.finish(time_share={k: round(v / spent, 3) for k, v in times.items()} if spent else None)
 
@@ -167,11 +168,11 @@ def _score(nla: NLA, gens: list[Generation], v: torch.Tensor, vg: torch.Tensor, 
     if tagged:
         # with grad: the same forward serves the reward and the AR's first step
         with trainable(nla.ar, nla.ar_adapter), autocast(cfg):
-            pred = nla.predict([bodies[i] for i in tagged])
+            pred = nla.predict([bodies[i] or "" for i in tagged])
         mse[tagged] = normalized_mse(pred.detach(), vg[tagged])
     rewards = rewards_from_mse(mse, has_tag, r.missing_tag_reward)
     nce = None
-    if tagged and r.contrastive_weight > 0:
+    if pred is not None and r.contrastive_weight > 0:
         # the batch's own activations first, then negatives drawn from the rest of the split
         others = [i for i in batch_indices(len(sp), r.contrastive_negatives + len(idx), step, cfg.seed + 3) if i not in idx]
         cands = torch.cat([v, sp.vectors[others[: r.contrastive_negatives]]])

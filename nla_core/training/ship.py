@@ -103,7 +103,7 @@ def ship_checkpoint(run: Run, source: Path, out: Path, *, dtype: torch.dtype = t
     for key in ("eval_av_warmstart", "eval_rl"):
         if key in report:
             meta_extra[f"{key}_round_trip_fve"] = round(report[key]["round_trip_fve"], 4)
-    meta.training = meta_extra
+    meta.training = meta_extra  # type: ignore[attr-defined]  # an extra sidecar field (extra="allow")
     write_meta(tmp, meta)
     (tmp / "training_report.json").write_text(json.dumps(report, indent=1, default=float))
     (tmp / "config.yaml").write_text(yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False))

@@ -75,6 +75,7 @@ def _fit_head(feats: torch.Tensor, targets: torch.Tensor, val_feats: torch.Tenso
         f = 1 - float(normalized_mse((val_feats.double() @ w).float(), vy).mean()) / base
         if best is None or f > best[0]:
             best = (f, lam, w)
+    assert best is not None
     return best[2].T.float().contiguous(), {"val_fve": best[0], "ridge": best[1]}
 
 
