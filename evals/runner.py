@@ -141,8 +141,6 @@ def run_bench(
     `concurrency`: audits at once per worker, their generate calls batched by one engine
     (default: the suite's; on resume, the run's). Results for a seed do not depend on it.
     `executor`: `local` (threads and processes here) or `ray` (`executor_options`: `address`, `num_gpus_per_worker`)."""
-    from agents import get_policy
-
     from .executors import ExecutorEvents, get_executor
     from .workers import WorkerPlan
 
@@ -154,108 +152,134 @@ def run_bench(
             raise NLAError(f"{what} must be an integer of at least 1, got {val!r}.", f"pass --{what} 1 or more.")
     run_executor = get_executor(executor)  # an unknown executor is refused before anything runs
     if not resume:  # bad input is refused before the database is touched
-        _check_budget(suite.budget)
-        suite.validate_names()
-        specs0 = suite.organism_specs()
-        suite.cells(specs0)
-        suite.check_weights(specs0)
-        if policy_factory is None:  # e.g. claude without a key: say so now, not after other audits ran
-            for p in suite.policies:
-                get_policy(p, **suite.policy_options.get(p, {}))
+        _validate(suite, policy_factory)
 
     with ResultStore(db_path) as store:
-        if resume:
-            run_id = run_id or store.latest_run_id(suite.name)
-            if run_id is None:
-                raise NLAError(f"No earlier run of suite {suite.name!r} in {db_path} to resume.",
-                               "Drop --resume to start a new run.")
-            stored = (store.run(run_id)["config"] or {}).get("suite")
-            if stored and stored != suite.model_dump(mode="json"):
-                say("note", {"message": f"resuming {run_id} with the suite settings it was started with"})
-                suite = BenchSuite.model_validate(stored)
-            config = store.run(run_id)["config"] or {}
-            if workers is None or concurrency is None:
-                workers = workers or int(config.get("workers") or suite.workers)
-                concurrency = concurrency or int(config.get("concurrency") or suite.concurrency)
-                say("note", {"message": f"resuming {run_id} with {workers} worker(s) x {concurrency} audit(s) at "
-                                        "once, as it was started (pass --workers / --concurrency to change)"})
-        _check_budget(suite.budget)  # before the run row: a bad budget must not poison --resume
+        if resume:  # the run's own settings (its suite is only known from the database)
+            run_id, suite, workers, concurrency = _resumed(store, suite, run_id, workers, concurrency, say)
+            _validate(suite, policy_factory)
         workers = suite.workers if workers is None else workers
         concurrency = suite.concurrency if concurrency is None else concurrency
-        suite.validate_names()
         specs = suite.organism_specs()
-        suite.check_weights(specs)
-        by_id = {s.id: s for s in specs}
         cells = suite.cells(specs)
         run_id = run_id or new_run_id(suite.name)
-        version = code_version()
         from environments.target import new_alias_salt
 
         store.start_run(run_id, suite.name, {"suite": suite.model_dump(mode="json"), "alias_salt": new_alias_salt(),
                                              "workers": workers, "concurrency": concurrency,
-                                             "executor": executor}, version)
+                                             "executor": executor}, code_version())
         alias_salt = (store.run(run_id)["config"] or {}).get("alias_salt")  # the stored one when resuming
         done = store.finished_audit_ids(run_id)
         todo = [c for c in cells if c.audit_id not in done]
         say("start", {"run_id": run_id, "cells": len(cells), "done": len(done), "todo": len(todo), "db": str(db_path)})
         base = Path(workdir) if workdir is not None else db_path.parent / "runs" / run_id
         base.mkdir(parents=True, exist_ok=True)
+        by_id = {s.id: s for s in specs}
         if judge is None and todo and any(not by_id[c.organism].control for c in todo):
             judge = make_judge(suite.judge)
-        n_run = 0
-        t_saved = t0  # run time up to here is in runs.elapsed_s (a killed segment keeps its share)
-
-        def record(cell: AuditCell, report: Any, wall: float) -> None:
-            nonlocal n_run, t_saved
-            spec = by_id[cell.organism]
-            sc = score_report(report, spec, judge, confidence_threshold=suite.confidence_threshold)
-            row = AuditRow(
-                run_id=run_id, audit_id=cell.audit_id, organism=spec.id, family=",".join(spec.families),
-                control=bool(spec.control), strategy=cell.strategy, policy=cell.policy, seed=cell.seed,
-                status=report.status, error=report.error, judge=sc.judge, judge_status=sc.judge_status,
-                judge_error=sc.judge_error, success=sc.success, score=sc.score, report=report.model_dump(mode="json"),
-                verdicts=sc.verdicts, n_hypotheses=len(report.hypotheses), tool_calls=report.tool_calls,
-                tokens_generated=report.tokens_generated, seconds=max(float(report.seconds or 0.0), wall),
-                budget=dict(report.budget or {}), transcript_path=report.transcript_path or None,
-                code_version=version, calls=read_tool_calls(report.transcript_path),
-            )
-            now = time.monotonic()
-            store.add_audit(row, run_elapsed_s=now - t_saved)
-            t_saved = now
-            n_run += 1
-            say("done", {"audit_id": cell.audit_id, "i": len(done) + n_run, "n": len(cells), "success": sc.success,
-                         "judge_status": sc.judge_status, "seconds": round(wall, 1), "tool_calls": report.tool_calls,
-                         "status": report.status, "cut_short": report.cut_short,
-                         "control": bool(spec.control)})
-
-        if max_audits is not None:
-            todo = todo[:max_audits]
-        n_started = 0
-
-        def started(cell: AuditCell) -> None:
-            nonlocal n_started
-            n_started += 1
-            say("audit", {"audit_id": cell.audit_id, "i": len(done) + n_started, "n": len(cells)})
-
-        import os
-
-        import torch
-
-        threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // workers))
-        if executor == "ray" and (executor_options or {}).get("address"):
-            threads = max(1, torch.get_num_threads())  # the cluster's cores, not this machine's
+        recorder = _Recorder(store, suite, run_id, by_id, judge, say, n_done=len(done), n_cells=len(cells), t0=t0)
+        todo = todo[:max_audits] if max_audits is not None else todo
         plan = WorkerPlan(suite=suite.model_dump(mode="json"), run_id=run_id, workdir=str(base),
-                          alias_salt=alias_salt, workers=workers, concurrency=concurrency, threads=threads)
+                          alias_salt=alias_salt, workers=workers, concurrency=concurrency,
+                          threads=_worker_threads(workers, executor, executor_options))
         in_process = {k: v for k, v in (("handle", handle), ("nla", nla), ("policy_factory", policy_factory))
                       if v is not None}
         if todo:
-            run_executor(plan, todo, ExecutorEvents(started=started, finished=record, say=say),
+            run_executor(plan, todo, ExecutorEvents(started=recorder.started, finished=recorder.finished, say=say),
                          **in_process, **(executor_options or {}))
         elapsed = time.monotonic() - t0
-        store.finish_run(run_id, time.monotonic() - t_saved)
+        store.finish_run(run_id, time.monotonic() - recorder.t_saved)
         rows = store.audits(run_id)
-    return BenchResult(run_id=run_id, db_path=db_path, n_cells=len(cells), n_done_before=len(done), n_run=n_run,
-                       elapsed_s=elapsed, rows=rows)
+    return BenchResult(run_id=run_id, db_path=db_path, n_cells=len(cells), n_done_before=len(done),
+                       n_run=recorder.n_run, elapsed_s=elapsed, rows=rows)
+
+
+def _validate(suite: BenchSuite, policy_factory: Any) -> None:
+    """Refuse a suite that cannot run: bad budget, unknown names, missing weights, a policy that
+    cannot be built (e.g. claude without a key: said now, not after other audits ran)."""
+    from agents import get_policy
+
+    _check_budget(suite.budget)
+    suite.validate_names()
+    specs = suite.organism_specs()
+    suite.cells(specs)
+    suite.check_weights(specs)
+    if policy_factory is None:
+        for p in suite.policies:
+            get_policy(p, **suite.policy_options.get(p, {}))
+
+
+def _resumed(store: ResultStore, suite: BenchSuite, run_id: str | None, workers: int | None,
+             concurrency: int | None, say: Callable[[str, dict], None]) -> tuple[str, BenchSuite, int, int]:
+    """The run to resume (`run_id`, else the suite's latest) with the suite and the worker
+    settings it was started with (explicit `workers`/`concurrency` win)."""
+    run_id = run_id or store.latest_run_id(suite.name)
+    if run_id is None:
+        raise NLAError(f"No earlier run of suite {suite.name!r} in {store.path} to resume.",
+                       "Drop --resume to start a new run.")
+    config = store.run(run_id)["config"] or {}
+    stored = config.get("suite")
+    if stored and stored != suite.model_dump(mode="json"):
+        say("note", {"message": f"resuming {run_id} with the suite settings it was started with"})
+        suite = BenchSuite.model_validate(stored)
+    if workers is None or concurrency is None:
+        workers = workers or int(config.get("workers") or suite.workers)
+        concurrency = concurrency or int(config.get("concurrency") or suite.concurrency)
+        say("note", {"message": f"resuming {run_id} with {workers} worker(s) x {concurrency} audit(s) at "
+                                "once, as it was started (pass --workers / --concurrency to change)"})
+    return run_id, suite, workers, concurrency
+
+
+def _worker_threads(workers: int, executor: str, options: dict | None) -> int:
+    """torch threads per worker: this machine's cores shared among the workers (a Ray cluster
+    given by address has its own cores: this process's thread count)."""
+    import os
+
+    import torch
+
+    if executor == "ray" and (options or {}).get("address"):
+        return max(1, torch.get_num_threads())
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // workers))
+
+
+class _Recorder:
+    """The executor's callbacks, in the runner's thread: `started` says so, `finished` judges
+    the audit and writes its row at once (finished work is saved as it comes)."""
+
+    def __init__(self, store: ResultStore, suite: BenchSuite, run_id: str, specs: dict, judge: Judge | None,
+                 say: Callable[[str, dict], None], *, n_done: int, n_cells: int, t0: float):
+        self.store, self.suite, self.run_id, self.specs, self.judge, self.say = store, suite, run_id, specs, judge, say
+        self.n_done, self.n_cells = n_done, n_cells
+        self.n_run = self.n_started = 0
+        self.t_saved = t0  # run time up to here is in runs.elapsed_s (a killed segment keeps its share)
+        self.version = code_version()
+
+    def started(self, cell: AuditCell) -> None:
+        self.n_started += 1
+        self.say("audit", {"audit_id": cell.audit_id, "i": self.n_done + self.n_started, "n": self.n_cells})
+
+    def finished(self, cell: AuditCell, report: Any, wall: float) -> None:
+        spec = self.specs[cell.organism]
+        sc = score_report(report, spec, self.judge, confidence_threshold=self.suite.confidence_threshold)
+        row = AuditRow(
+            run_id=self.run_id, audit_id=cell.audit_id, organism=spec.id, family=",".join(spec.families),
+            control=bool(spec.control), strategy=cell.strategy, policy=cell.policy, seed=cell.seed,
+            status=report.status, error=report.error, judge=sc.judge, judge_status=sc.judge_status,
+            judge_error=sc.judge_error, success=sc.success, score=sc.score, report=report.model_dump(mode="json"),
+            verdicts=sc.verdicts, n_hypotheses=len(report.hypotheses), tool_calls=report.tool_calls,
+            tokens_generated=report.tokens_generated, seconds=max(float(report.seconds or 0.0), wall),
+            budget=dict(report.budget or {}), transcript_path=report.transcript_path or None,
+            code_version=self.version, calls=read_tool_calls(report.transcript_path),
+        )
+        now = time.monotonic()
+        self.store.add_audit(row, run_elapsed_s=now - self.t_saved)
+        self.t_saved = now
+        self.n_run += 1
+        self.say("done", {"audit_id": cell.audit_id, "i": self.n_done + self.n_run, "n": self.n_cells,
+                          "success": sc.success, "judge_status": sc.judge_status, "seconds": round(wall, 1),
+                          "tool_calls": report.tool_calls, "status": report.status, "cut_short": report.cut_short,
+                          "control": bool(spec.control)})
+
 
 
 def rejudge(db_path: str | Path, run_id: str, judge: Judge | None = None, *, only_failed: bool = True) -> int:

@@ -4,8 +4,8 @@ Several audits run at once in one process (threads), each making generate calls 
 (chat, samples, prefills, steered replies, the NLA's verbalize). Alone, each call is a batch of
 one to a few rows, and on a CPU a batch of one uses a fraction of what a batch of 16 does per
 token. The engine gathers the pending calls of its client threads and runs them as one batch:
-it waits until every client thread is blocked in a generate call (or `max_wait_s` after the
-oldest pending call, since a client may be busy elsewhere), then decodes the rows of calls that
+it waits until every client thread is blocked in a generate call (or `max_wait_s` after it
+became free, since a client may be busy elsewhere), then decodes the rows of calls that
 can share a batch (same handle and adapter, and hooks that merge: none, or `RowHooks` with one
 key) together.
 
@@ -165,8 +165,12 @@ class GenerationEngine:
                 self._cv.wait()
             if not self._pending:
                 return None
+            # Wait from when the engine is free, not from a call's arrival: calls that queued
+            # during the last batch would otherwise run at once, without the clients that
+            # batch just answered, and the clients stay split into two half batches.
+            ready = time.monotonic()
             while not self._closed:
-                waited = time.monotonic() - min(c.t for c in self._pending)
+                waited = time.monotonic() - ready
                 if len(self._pending) >= self._clients or waited >= self.max_wait_s:
                     break
                 self._cv.wait(timeout=self.max_wait_s - waited)

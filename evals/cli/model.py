@@ -50,179 +50,180 @@ def read_vector_file(path: Path) -> torch.Tensor:
     return _read(path)
 
 
+def info(model: str | None = ModelOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Architecture, size, default NLA layer and checkpoint of a model."""
+    from nla_core import default_checkpoint
+    from nla_core.models import cache_dir
+    from nla_core.nla import default_layer
+
+    h = load_model(model)
+    n_params = sum(p.numel() for p in h.hf_model.parameters())
+    ckpt = default_checkpoint(h.name)
+    data = {
+        "name": h.name,
+        "architecture": type(h.hf_model).__name__,
+        "n_layers": h.n_layers,
+        "d_model": h.d_model,
+        "vocab_size": len(h.tokenizer),
+        "parameters": n_params,
+        "dtype": str(h.dtype).replace("torch.", ""),
+        "device": str(h.device),
+        "default_nla_layer": default_layer(h.n_layers),
+        "activation_site": f"blocks.{default_layer(h.n_layers)}.resid_post",
+        "nla_checkpoint": str(ckpt) if ckpt else None,
+        "cache_dir": str(cache_dir()),
+    }
+    if as_json:
+        print_json(data)
+        return
+    for k, v in data.items():
+        out.print(f"[bold]{k:>18}[/]  {escape(str(v))}")
+    if ckpt is None:
+        out.print("[yellow]no trained NLA checkpoint: `nla verbalize` runs an untrained verbalizer[/]")
+
+def activations(
+    text: str = typer.Argument(..., help="Text to run through the model."),
+    layer: int | None = typer.Option(None, "--layer", "-l", help="Block index K (default: 2/3 depth)."),
+    positions: str | None = typer.Option(None, "--positions", "-p",
+                                         help="Comma-separated token positions (negative from the end); default all."),
+    chat: bool = typer.Option(False, "--chat", help="Send TEXT as a user turn through the chat template."),
+    save: Path | None = typer.Option(None, "--save", help="Write the vectors to this .safetensors file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON with the full vectors."),
+    model: str | None = ModelOpt,
+) -> None:
+    """Residual stream after block K (`blocks.K.resid_post`) at chosen positions."""
+    from nla_core import read_activations
+    from nla_core.nla import default_layer
+
+    h = load_model(model)
+    layer = default_layer(h.n_layers) if layer is None else layer
+    pos = _parse_positions(positions)
+    item = [{"role": "user", "content": text}] if chat else text
+    acts = read_activations(h, [item], layer, positions=pos, add_generation_prompt=chat)
+    vecs, idx, toks = acts.vectors[0], acts.positions[0], acts.tokens[0]
+    if save is not None:
+        from safetensors.torch import save_file
+
+        save_file({"activations": vecs.contiguous()}, str(save))
+        console.print(f"saved {tuple(vecs.shape)} to {escape(str(save))}")
+    if as_json:
+        print_json({
+            "model": h.name, "layer": layer, "site": acts.site,
+            "positions": [{"position": p, "token": toks[p], "norm": float(v.norm()), "vector": v.tolist()}
+                          for p, v in zip(idx, vecs)],
+        })
+        return
+    out.print(f"[bold]{acts.site}[/] of {escape(h.name)}, {len(toks)} tokens")
+    for p, v in zip(idx, vecs):
+        head = ", ".join(f"{x:+.2f}" for x in v[:6].tolist())
+        out.print(escape(f"{p:>5} {toks[p]!r:>16}  norm {float(v.norm()):8.2f}  [{head}, ...]"))
+
+def verbalize(
+    text: str = typer.Argument(..., help="Text whose activation to explain."),
+    position: int = typer.Option(-1, "--position", "-p", help="Token position (negative from the end)."),
+    layer: int | None = typer.Option(None, "--layer", "-l", help="Block index (must match the checkpoint)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c",
+                                           help="NLA checkpoint folder (ours, or a released AV folder)."),
+    critic: Path | None = typer.Option(None, "--critic", help="Released AR folder, when not beside the AV folder."),
+    samples: int = typer.Option(1, "--samples", "-n", min=1, max=16, help="Explanations to sample."),
+    max_new_tokens: int = typer.Option(96, "--max-new-tokens", min=1, max=512),
+    chat: bool = typer.Option(False, "--chat", help="Send TEXT as a user turn through the chat template."),
+    as_json: bool = typer.Option(False, "--json"),
+    model: str | None = ModelOpt,
+) -> None:
+    """Explain the activation at one token in words, and score the explanation by
+    reconstructing the activation from it."""
+    import torch
+
+    from nla_core import read_activations
+
+    h = load_model(model)
+    nla = load_nla_for_cli(h, checkpoint, critic, layer)
+    item = [{"role": "user", "content": text}] if chat else text
+    acts = read_activations(h, [item], nla.layer, positions=[position], add_generation_prompt=chat)
+    vec = acts.vectors[0]
+    p = acts.positions[0][0]
+    verbs = nla.verbalize(vec, n_samples=samples, max_new_tokens=max_new_tokens)
+    recon = nla.reconstruct_explanations([v.text for v in verbs])
+    cos = torch.nn.functional.cosine_similarity(recon, vec.expand_as(recon), dim=-1)
+    data = {
+        "model": h.name, "nla": nla.source, "trained": nla.trained, "layer": nla.layer,
+        "site": acts.site, "position": p, "token": acts.tokens[0][p],
+        "explanations": [
+            {"text": v.text, "has_tag": v.has_tag, "reconstruction_cosine": round(float(c), 4)}
+            for v, c in zip(verbs, cos)
+        ],
+    }
+    if not nla.trained:
+        data["note"] = UNTRAINED_NOTE
+    if as_json:
+        print_json(data)
+        return
+    if not nla.trained:
+        console.print(f"[bold yellow]{UNTRAINED_NOTE}[/]")
+    out.print(f"[bold]{acts.site}[/] at position {p} ({escape(repr(acts.tokens[0][p]))}), NLA: {escape(str(nla.source))}")
+    for i, e in enumerate(data["explanations"]):
+        out.print(escape(f"[{i}] (reconstruction cosine {e['reconstruction_cosine']:+.3f}) {e['text']}"))
+
+def steer(
+    prompt: str = typer.Argument(..., help="User message to answer."),
+    with_: str = typer.Option(..., "--with", "-w",
+                              help="A sentence (reconstructed into a vector by the AR) "
+                                   "or a vector file (.safetensors/.pt/.npy/.json)."),
+    strength: float = typer.Option(0.3, "--strength", "-s",
+                                   help="Added norm as a multiple of the prompt's median residual norm."),
+    layer: int | None = typer.Option(None, "--layer", "-l", help="Block to steer after (default: the NLA's layer)."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, max=512),
+    n: int = typer.Option(1, "--n", min=1, max=16, help="Generations per side."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c"),
+    critic: Path | None = typer.Option(None, "--critic"),
+    as_json: bool = typer.Option(False, "--json"),
+    model: str | None = ModelOpt,
+) -> None:
+    """Generate with a vector (or a sentence's reconstruction) added to the residual stream,
+    beside the unsteered generation."""
+    h = load_model(model)
+    nla = load_nla_for_cli(h, checkpoint, critic, None)
+    if not prompt.strip():
+        raise EmptyInputError("The prompt is empty.", "pass a user message.")
+    candidate = Path(with_)
+    vector = read_vector_file(candidate) if candidate.suffix.lower() in {".safetensors", ".pt", ".npy", ".json"} else with_
+    r = nla.steer(prompt, vector, layer=layer, strength=strength, max_new_tokens=max_new_tokens,
+                  n=n, temperature=temperature)
+    data = {"prompt": r.prompt, "layer": r.layer, "strength": r.strength, "added_norm": r.added_norm,
+            "steered_with": with_, "ar_trained": nla.trained, "steered": r.steered, "unsteered": r.unsteered}
+    if as_json:
+        print_json(data)
+        return
+    if not nla.trained and isinstance(vector, str):
+        console.print("[yellow]The sentence was turned into a vector by an UNTRAINED reconstructor.[/]")
+    out.print(f"[bold]steered[/] (block {r.layer}, strength {r.strength}, added norm {r.added_norm:.1f}):")
+    for s in r.steered:
+        out.print(f"  {escape(s)}")
+    out.print("[bold]unsteered[/]:")
+    for s in r.unsteered:
+        out.print(f"  {escape(s)}")
+
+def perf(
+    quick: bool = typer.Option(False, "--quick", help="Fewer repeats (a smoke run)."),
+    model: str | None = ModelOpt,
+) -> None:
+    """Measure, in one run: early-exit activation reads vs a full forward; batched vs
+    one-by-one verbalization; memory of target+AV+AR with shared weights vs three copies."""
+    from nla_core.perf import run_perf
+
+    run_perf(model, quick=quick, printer=out.print)
+
+
 def register(app: typer.Typer) -> None:
     model_app = typer.Typer(help="Inspect the target model.", no_args_is_help=True)
     app.add_typer(model_app, name="model")
-
-    @model_app.command("info")
-    def info(model: str | None = ModelOpt, as_json: bool = typer.Option(False, "--json")) -> None:
-        """Architecture, size, default NLA layer and checkpoint of a model."""
-        from nla_core import default_checkpoint
-        from nla_core.models import cache_dir
-        from nla_core.nla import default_layer
-
-        h = load_model(model)
-        n_params = sum(p.numel() for p in h.hf_model.parameters())
-        ckpt = default_checkpoint(h.name)
-        data = {
-            "name": h.name,
-            "architecture": type(h.hf_model).__name__,
-            "n_layers": h.n_layers,
-            "d_model": h.d_model,
-            "vocab_size": len(h.tokenizer),
-            "parameters": n_params,
-            "dtype": str(h.dtype).replace("torch.", ""),
-            "device": str(h.device),
-            "default_nla_layer": default_layer(h.n_layers),
-            "activation_site": f"blocks.{default_layer(h.n_layers)}.resid_post",
-            "nla_checkpoint": str(ckpt) if ckpt else None,
-            "cache_dir": str(cache_dir()),
-        }
-        if as_json:
-            print_json(data)
-            return
-        for k, v in data.items():
-            out.print(f"[bold]{k:>18}[/]  {escape(str(v))}")
-        if ckpt is None:
-            out.print("[yellow]no trained NLA checkpoint: `nla verbalize` runs an untrained verbalizer[/]")
-
-    @app.command("activations")
-    def activations(
-        text: str = typer.Argument(..., help="Text to run through the model."),
-        layer: int | None = typer.Option(None, "--layer", "-l", help="Block index K (default: 2/3 depth)."),
-        positions: str | None = typer.Option(None, "--positions", "-p",
-                                             help="Comma-separated token positions (negative from the end); default all."),
-        chat: bool = typer.Option(False, "--chat", help="Send TEXT as a user turn through the chat template."),
-        save: Path | None = typer.Option(None, "--save", help="Write the vectors to this .safetensors file."),
-        as_json: bool = typer.Option(False, "--json", help="Print JSON with the full vectors."),
-        model: str | None = ModelOpt,
-    ) -> None:
-        """Residual stream after block K (`blocks.K.resid_post`) at chosen positions."""
-        from nla_core import read_activations
-        from nla_core.nla import default_layer
-
-        h = load_model(model)
-        layer = default_layer(h.n_layers) if layer is None else layer
-        pos = _parse_positions(positions)
-        item = [{"role": "user", "content": text}] if chat else text
-        acts = read_activations(h, [item], layer, positions=pos, add_generation_prompt=chat)
-        vecs, idx, toks = acts.vectors[0], acts.positions[0], acts.tokens[0]
-        if save is not None:
-            from safetensors.torch import save_file
-
-            save_file({"activations": vecs.contiguous()}, str(save))
-            console.print(f"saved {tuple(vecs.shape)} to {escape(str(save))}")
-        if as_json:
-            print_json({
-                "model": h.name, "layer": layer, "site": acts.site,
-                "positions": [{"position": p, "token": toks[p], "norm": float(v.norm()), "vector": v.tolist()}
-                              for p, v in zip(idx, vecs)],
-            })
-            return
-        out.print(f"[bold]{acts.site}[/] of {escape(h.name)}, {len(toks)} tokens")
-        for p, v in zip(idx, vecs):
-            head = ", ".join(f"{x:+.2f}" for x in v[:6].tolist())
-            out.print(escape(f"{p:>5} {toks[p]!r:>16}  norm {float(v.norm()):8.2f}  [{head}, ...]"))
-
-    @app.command("verbalize")
-    def verbalize(
-        text: str = typer.Argument(..., help="Text whose activation to explain."),
-        position: int = typer.Option(-1, "--position", "-p", help="Token position (negative from the end)."),
-        layer: int | None = typer.Option(None, "--layer", "-l", help="Block index (must match the checkpoint)."),
-        checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c",
-                                               help="NLA checkpoint folder (ours, or a released AV folder)."),
-        critic: Path | None = typer.Option(None, "--critic", help="Released AR folder, when not beside the AV folder."),
-        samples: int = typer.Option(1, "--samples", "-n", min=1, max=16, help="Explanations to sample."),
-        max_new_tokens: int = typer.Option(96, "--max-new-tokens", min=1, max=512),
-        chat: bool = typer.Option(False, "--chat", help="Send TEXT as a user turn through the chat template."),
-        as_json: bool = typer.Option(False, "--json"),
-        model: str | None = ModelOpt,
-    ) -> None:
-        """Explain the activation at one token in words, and score the explanation by
-        reconstructing the activation from it."""
-        import torch
-
-        from nla_core import read_activations
-
-        h = load_model(model)
-        nla = load_nla_for_cli(h, checkpoint, critic, layer)
-        item = [{"role": "user", "content": text}] if chat else text
-        acts = read_activations(h, [item], nla.layer, positions=[position], add_generation_prompt=chat)
-        vec = acts.vectors[0]
-        p = acts.positions[0][0]
-        verbs = nla.verbalize(vec, n_samples=samples, max_new_tokens=max_new_tokens)
-        recon = nla.reconstruct_explanations([v.text for v in verbs])
-        cos = torch.nn.functional.cosine_similarity(recon, vec.expand_as(recon), dim=-1)
-        data = {
-            "model": h.name, "nla": nla.source, "trained": nla.trained, "layer": nla.layer,
-            "site": acts.site, "position": p, "token": acts.tokens[0][p],
-            "explanations": [
-                {"text": v.text, "has_tag": v.has_tag, "reconstruction_cosine": round(float(c), 4)}
-                for v, c in zip(verbs, cos)
-            ],
-        }
-        if not nla.trained:
-            data["note"] = UNTRAINED_NOTE
-        if as_json:
-            print_json(data)
-            return
-        if not nla.trained:
-            console.print(f"[bold yellow]{UNTRAINED_NOTE}[/]")
-        out.print(f"[bold]{acts.site}[/] at position {p} ({escape(repr(acts.tokens[0][p]))}), NLA: {escape(str(nla.source))}")
-        for i, e in enumerate(data["explanations"]):
-            out.print(escape(f"[{i}] (reconstruction cosine {e['reconstruction_cosine']:+.3f}) {e['text']}"))
-
-    @app.command("steer")
-    def steer(
-        prompt: str = typer.Argument(..., help="User message to answer."),
-        with_: str = typer.Option(..., "--with", "-w",
-                                  help="A sentence (reconstructed into a vector by the AR) "
-                                       "or a vector file (.safetensors/.pt/.npy/.json)."),
-        strength: float = typer.Option(0.3, "--strength", "-s",
-                                       help="Added norm as a multiple of the prompt's median residual norm."),
-        layer: int | None = typer.Option(None, "--layer", "-l", help="Block to steer after (default: the NLA's layer)."),
-        max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, max=512),
-        n: int = typer.Option(1, "--n", min=1, max=16, help="Generations per side."),
-        temperature: float = typer.Option(0.0, "--temperature", min=0.0),
-        checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c"),
-        critic: Path | None = typer.Option(None, "--critic"),
-        as_json: bool = typer.Option(False, "--json"),
-        model: str | None = ModelOpt,
-    ) -> None:
-        """Generate with a vector (or a sentence's reconstruction) added to the residual stream,
-        beside the unsteered generation."""
-        h = load_model(model)
-        nla = load_nla_for_cli(h, checkpoint, critic, None)
-        if not prompt.strip():
-            raise EmptyInputError("The prompt is empty.", "pass a user message.")
-        candidate = Path(with_)
-        vector = read_vector_file(candidate) if candidate.suffix.lower() in {".safetensors", ".pt", ".npy", ".json"} else with_
-        r = nla.steer(prompt, vector, layer=layer, strength=strength, max_new_tokens=max_new_tokens,
-                      n=n, temperature=temperature)
-        data = {"prompt": r.prompt, "layer": r.layer, "strength": r.strength, "added_norm": r.added_norm,
-                "steered_with": with_, "ar_trained": nla.trained, "steered": r.steered, "unsteered": r.unsteered}
-        if as_json:
-            print_json(data)
-            return
-        if not nla.trained and isinstance(vector, str):
-            console.print("[yellow]The sentence was turned into a vector by an UNTRAINED reconstructor.[/]")
-        out.print(f"[bold]steered[/] (block {r.layer}, strength {r.strength}, added norm {r.added_norm:.1f}):")
-        for s in r.steered:
-            out.print(f"  {escape(s)}")
-        out.print("[bold]unsteered[/]:")
-        for s in r.unsteered:
-            out.print(f"  {escape(s)}")
-
-    @app.command("perf")
-    def perf(
-        quick: bool = typer.Option(False, "--quick", help="Fewer repeats (a smoke run)."),
-        model: str | None = ModelOpt,
-    ) -> None:
-        """Measure, in one run: early-exit activation reads vs a full forward; batched vs
-        one-by-one verbalization; memory of target+AV+AR with shared weights vs three copies."""
-        from nla_core.perf import run_perf
-
-        run_perf(model, quick=quick, printer=out.print)
+    model_app.command("info")(info)
+    app.command("activations")(activations)
+    app.command("verbalize")(verbalize)
+    app.command("steer")(steer)
+    app.command("perf")(perf)
 
 
 def _parse_positions(spec: str | None) -> list[int] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue as _queue
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -205,7 +206,16 @@ def _run_in_processes(plan: WorkerPlan, cells: list[AuditCell], events: Executor
     finally:
         for _ in range(len(procs) * plan.concurrency):  # one stop sign per audit thread
             tasks.put(None)
+        # after a clean finish, the workers' last notes (how well the engine batched) come in
+        deadline = time.monotonic() + (10.0 if not remaining else 0.5)
+        while any(p.is_alive() for p in procs.values()) and time.monotonic() < deadline:
+            try:
+                kind, _, payload = results.get(timeout=0.2)
+            except _queue.Empty:
+                continue
+            if kind == "note" and not remaining:
+                events.say("note", {"message": payload})
         for p in procs.values():
-            p.join(timeout=5 if not remaining else 0.5)
+            p.join(timeout=0.5)
             if p.is_alive():
                 p.terminate()
