@@ -526,10 +526,7 @@ def run_audit(
 
         saver = SqliteSaver(conn)
         config = {"configurable": {"thread_id": run_id}, "recursion_limit": 100_000}
-        # Build with a placeholder toolbox first to read the stored state (no tool runs here).
-        probe = AuditRun(policy=pol, toolbox=None, strategy=strat, system_prompt="", task="", tool_specs=[])
-        snapshot = probe.build(saver).get_state(config)
-        stored: dict = dict(snapshot.values or {})
+        stored, finished = _stored_run(saver, config, pol, strat)
         if stored:
             mismatch = [f"{k}={stored.get(k)!r} (asked {v!r})" for k, v in
                         (("strategy", strat.name), ("policy", pol_name), ("seed", seed), ("max_hypotheses", max_hypotheses))
@@ -538,7 +535,7 @@ def run_audit(
                 raise RunMismatchError(f"Run {run_id!r} already exists with different settings: {', '.join(mismatch)}.",
                                        "resume it with the same settings, or choose a new run id.")
             limits = dict(stored["limits"])
-            if not snapshot.next:  # finished already
+            if finished:
                 return _report_from(stored, transcript)
 
         used = stored.get("usage") or new_usage()
@@ -567,13 +564,7 @@ def run_audit(
             if on_event:
                 on_event(resumed)
         else:
-            inputs = AuditState(
-                run_id=run_id, strategy=strat.name, policy=pol_name, seed=seed, max_hypotheses=max_hypotheses,
-                limits=limits, phase="investigate", calls=[], events=[], pending=[], hypotheses={}, notes=[],
-                toolbox_notes=None, vectors={}, policy_state={}, usage=new_usage(), reduce_attempts=0, status="running",
-                error=None, final=[],
-                nothing_found=False, forced_reduction=False, cut_short=None,
-            )
+            inputs = _new_state(run_id, strat.name, pol_name, seed, max_hypotheses, limits)
             start = {"step": 0, "node": "start", "time": round(time.time(), 3), "run_id": run_id, "strategy": strat.name,
                      "policy": pol_name, "limits": limits, "tools": [s.name for s in specs], "target": alias}
             inputs["events"] = [start]
@@ -599,6 +590,25 @@ def run_audit(
         return report
     finally:
         conn.close()
+
+
+def _stored_run(saver: Any, config: dict, pol: Policy, strat: Strategy) -> tuple[dict, bool]:
+    """A run's checkpointed state ({} when new) and whether it finished. langgraph derives the
+    next node from the graph, so the read compiles the graph once more, without a toolbox (no
+    tool runs during the read)."""
+    reader = AuditRun(policy=pol, toolbox=None, strategy=strat, system_prompt="", task="", tool_specs=[])
+    snapshot = reader.build(saver).get_state(config)
+    return dict(snapshot.values or {}), not snapshot.next
+
+
+def _new_state(run_id: str, strategy: str, policy: str, seed: int, max_hypotheses: int,
+               limits: dict[str, float]) -> AuditState:
+    return AuditState(
+        run_id=run_id, strategy=strategy, policy=policy, seed=seed, max_hypotheses=max_hypotheses,
+        limits=limits, phase="investigate", calls=[], events=[], pending=[], hypotheses={}, notes=[],
+        toolbox_notes=None, vectors={}, policy_state={}, usage=new_usage(), reduce_attempts=0, status="running",
+        error=None, final=[], nothing_found=False, forced_reduction=False, cut_short=None,
+    )
 
 
 def _report_from(state: dict, transcript: Path) -> AuditReport:

@@ -46,6 +46,43 @@ def _param_mb(module: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
 
 
+def _engine_ratio(h, *, n_threads: int, new_tokens: int, printer: Callable[[str], None]) -> dict[str, float]:
+    """`n_threads` clients (as concurrent audits) each make 3 sampled calls of 4 rows: one after
+    another without an engine, then all at once through one `GenerationEngine`."""
+    import threading
+
+    from .generation import generate_ids
+    from .serving import GenerationEngine
+
+    prompts = [encode(h, [{"role": "user", "content": f"Tell me about subject number {i}."}], add_generation_prompt=True)
+               for i in range(n_threads)]
+
+    def client(i: int) -> None:
+        for k in range(3):
+            generate_ids(h, [prompts[i]] * 4, max_new_tokens=new_tokens, temperature=0.8, seed=10 * i + k)
+
+    t = time.perf_counter()
+    for i in range(n_threads):
+        client(i)
+    alone = time.perf_counter() - t
+    with GenerationEngine(h) as engine:
+        def served(i: int) -> None:
+            with engine.client():
+                client(i)
+
+        threads = [threading.Thread(target=served, args=(i,)) for i in range(n_threads)]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        batched = time.perf_counter() - t
+        rows = engine.stats.rows_per_batch
+    printer(f"generation engine, {n_threads} threads x 3 calls of 4 rows x {new_tokens} tokens: one after another "
+            f"{alone:.1f} s, batched {batched:.1f} s ({rows:.0f} rows per batch) -> {alone / batched:.2f}x")
+    return {"engine_alone_s": alone, "engine_batched_s": batched, "engine_speedup": alone / batched}
+
+
 def run_perf(model: str | None = None, *, quick: bool = False, printer: Callable[[str], None] = print) -> dict:
     repeats = 1 if quick else 3
     rss0 = _rss_mb()
@@ -84,6 +121,9 @@ def run_perf(model: str | None = None, *, quick: bool = False, printer: Callable
     figures["verbalize_speedup"] = figures["verbalize_batched_tok_s"] / figures["verbalize_single_tok_s"]
     printer(f"verbalize {n_vec} vectors x {new_tokens} tokens: batched {toks_b / t_b:.1f} tok/s, one by one "
             f"{toks_1 / t_1:.1f} tok/s -> {figures['verbalize_speedup']:.2f}x")
+
+    # 2b. the generation engine: N threads of small sampled calls, batched vs one after another
+    figures.update(_engine_ratio(h, n_threads=4 if quick else 8, new_tokens=new_tokens, printer=printer))
 
     # 3. memory: target + AV + AR over shared weights (two LoRA adapters) vs three copies
     from peft import LoraConfig
