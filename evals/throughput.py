@@ -68,13 +68,11 @@ def _cells_subset(suite: BenchSuite, n: int) -> BenchSuite:
 
 
 def _arm(suite: BenchSuite, label: str, workers: int, concurrency: int, n: int, db: Path, say: Any) -> ThroughputArm:
-    from .judge import make_judge
     from .runner import run_bench
 
-    judge = make_judge(suite.judge)
     t0 = time.monotonic()
     res = run_bench(suite, db_path=db, run_id=label, workers=workers, concurrency=concurrency, max_audits=n,
-                    judge=judge, on_progress=say)
+                    on_progress=say)
     seconds = time.monotonic() - t0
     outcomes = {r["audit_id"]: (r["success"], _statements(r)) for r in res.rows}
     return ThroughputArm(label, workers, concurrency, res.n_run, seconds, outcomes,

@@ -95,9 +95,21 @@ def _pick(logits: torch.Tensor, row: GenRow) -> int:
     return int(torch.multinomial(probs, 1, generator=row.generator))
 
 
-@torch.no_grad()
-def decode_rows(handle: ModelHandle, rows: Sequence[GenRow], *, adapter: str | None = None,
+def decode_rows(handle: ModelHandle, rows: Sequence[GenRow], *, batch_size: int, adapter: str | None = None,
                 hooks: Callable[[Sequence[int]], contextlib.AbstractContextManager] | None = None) -> list[Generation]:
+    """Generate `rows` in batches of at most `batch_size` (in order); `hooks(indices)` gets the
+    indices into `rows` of each batch."""
+    out: list[Generation] = []
+    for start in range(0, len(rows), max(1, batch_size)):
+        idx = list(range(start, min(start + batch_size, len(rows))))
+        batch_hooks = None if hooks is None else (lambda sub, idx=idx: hooks([idx[j] for j in sub]))
+        out += _decode_batch(handle, [rows[i] for i in idx], adapter=adapter, hooks=batch_hooks)
+    return out
+
+
+@torch.no_grad()
+def _decode_batch(handle: ModelHandle, rows: Sequence[GenRow], *, adapter: str | None,
+                  hooks: Callable[[Sequence[int]], contextlib.AbstractContextManager] | None) -> list[Generation]:
     """Generate every row in one batch (KV cache, left padding). A row ends at an EOS token
     (dropped), after its `max_new_tokens`, or right after one of its `stop` strings (kept);
     `hooks(range(len(rows)))` is installed for the whole batch."""
@@ -178,9 +190,4 @@ def generate_ids(
     engine = active_engine(handle)
     if engine is not None:
         return engine.generate(handle, rows, adapter=adapter, hooks=hooks)
-    out: list[Generation] = []
-    for start in range(0, len(rows), max(1, batch_size)):
-        idx = list(range(start, min(start + batch_size, len(rows))))
-        chunk_hooks = None if hooks is None else (lambda sub, idx=idx: hooks([idx[j] for j in sub]))
-        out += decode_rows(handle, [rows[i] for i in idx], adapter=adapter, hooks=chunk_hooks)
-    return out
+    return decode_rows(handle, rows, batch_size=batch_size, adapter=adapter, hooks=hooks)

@@ -197,11 +197,8 @@ class GenerationEngine:
             else:
                 merged = first.hooks  # None, or one call's own hooks function
             try:
-                gens: list[Generation] = []
-                for start in range(0, len(rows), self.max_batch_rows):
-                    idx = list(range(start, min(start + self.max_batch_rows, len(rows))))
-                    sub_hooks = None if merged is None else (lambda sub, idx=idx, m=merged: m([idx[j] for j in sub]))
-                    gens += decode_rows(first.handle, [rows[i] for i in idx], adapter=first.adapter, hooks=sub_hooks)
+                gens = decode_rows(first.handle, rows, batch_size=self.max_batch_rows, adapter=first.adapter,
+                                   hooks=merged)
                 self.stats.batches += 1
                 self.stats.calls += len(batch)
                 self.stats.rows += len(rows)

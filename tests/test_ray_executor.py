@@ -187,8 +187,8 @@ class _RaisingActor:
 @pytest.mark.slow  # starts Ray
 def test_error_in_audit_ends_run(ray_local, model_dir):
     """An exception inside an audit (not a dead actor) ends the run with the audit and the error."""
-    from evals.executors import ExecutorEvents
-    from evals.executors.ray_executor import RayAuditFailed, _dispatch
+    from evals.executors import AuditFailed, ExecutorEvents
+    from evals.executors.ray_executor import _dispatch
 
     suite = tiny_suite(model_dir, strategies=["behavioural"])
     cells = suite.cells(suite.organism_specs())
@@ -196,7 +196,7 @@ def test_error_in_audit_ends_run(ray_local, model_dir):
     started, finished = [], []
     events = ExecutorEvents(started=started.append, finished=lambda *a: finished.append(a), say=lambda e, i: None)
     try:
-        with pytest.raises(RayAuditFailed, match=f"Audit {cells[0].audit_id} raised ValueError: boom in bench-pirate"):
+        with pytest.raises(AuditFailed, match=f"Audit {cells[0].audit_id} raised ValueError: boom in bench-pirate"):
             _dispatch(ray_local, [actor], 1, cells, events)
     finally:
         ray_local.kill(actor)

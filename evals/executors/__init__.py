@@ -20,11 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nla_core.errors import NLAError
 from nla_core.registry import Registry
 
-__all__ = ["EXECUTORS", "ExecutorEvents", "register_executor", "get_executor"]
+__all__ = ["EXECUTORS", "ExecutorEvents", "AuditFailed", "MAX_RETRIES", "register_executor", "get_executor"]
 
 EXECUTORS: Registry[Callable[..., None]] = Registry("executor")
+MAX_RETRIES = 2  # runs again of an audit whose worker died, before the run stops
+
+
+class AuditFailed(NLAError):
+    """An audit raised inside a worker (policy failures become failed reports instead), or its
+    worker died more than `MAX_RETRIES` times."""
 
 
 @dataclass
@@ -43,8 +50,6 @@ def register_executor(name: str):
 
 
 def get_executor(name: str) -> Callable[..., None]:
-    from nla_core.errors import NLAError
-
     if name == "ray" and name not in EXECUTORS:
         from . import ray_executor  # noqa: F401 - registers itself; imports ray lazily
     if name not in EXECUTORS:

@@ -15,11 +15,9 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from nla_core.errors import NLAError
-
 from ..suite import AuditCell
 from ..workers import WorkerPlan
-from . import ExecutorEvents, register_executor
+from . import MAX_RETRIES, AuditFailed, ExecutorEvents, register_executor
 
 if TYPE_CHECKING:
     from agents.policy import Policy
@@ -27,13 +25,6 @@ if TYPE_CHECKING:
     from nla_core.protocols import NLALike
 
 __all__ = ["run_local"]
-
-_MAX_RETRIES = 2
-
-
-class AuditCrashed(NLAError):
-    """An audit raised inside a worker (not a policy failure: those become failed reports)."""
-
 
 @register_executor("local")
 def run_local(plan: WorkerPlan, cells: list[AuditCell], events: ExecutorEvents, *, handle: ModelHandle | None = None,
@@ -178,8 +169,8 @@ def _run_in_processes(plan: WorkerPlan, cells: list[AuditCell], events: Executor
                     for cell in lost:
                         aid = AuditCell.model_validate(cell).audit_id
                         tries[aid] = tries.get(aid, 0) + 1
-                        if tries[aid] > _MAX_RETRIES:
-                            raise AuditCrashed(f"The worker running {aid} died {tries[aid]} times "
+                        if tries[aid] > MAX_RETRIES:
+                            raise AuditFailed(f"The worker running {aid} died {tries[aid]} times "
                                                f"(exit code {p.exitcode}).",
                                                "finished audits are saved; check memory, then --resume.") from None
                         tasks.put(cell)
@@ -201,7 +192,7 @@ def _run_in_processes(plan: WorkerPlan, cells: list[AuditCell], events: Executor
                 remaining -= 1
             else:
                 cell, error, tb = payload
-                raise AuditCrashed(f"Audit {AuditCell.model_validate(cell).audit_id} raised {error}.",
+                raise AuditFailed(f"Audit {AuditCell.model_validate(cell).audit_id} raised {error}.",
                                    "finished audits are saved; fix the cause, then --resume.\n" + tb)
     finally:
         for _ in range(len(procs) * plan.concurrency):  # one stop sign per audit thread

@@ -26,15 +26,9 @@ from nla_core.errors import NLAError
 
 from ..suite import AuditCell
 from ..workers import WorkerPlan
-from . import ExecutorEvents, register_executor
+from . import MAX_RETRIES, AuditFailed, ExecutorEvents, register_executor
 
-__all__ = ["run_ray", "RayAuditFailed"]
-
-_MAX_RETRIES = 2
-
-
-class RayAuditFailed(NLAError):
-    """An audit raised inside a Ray actor, or its actor died too often."""
+__all__ = ["run_ray"]
 
 
 class _AuditActor:
@@ -168,8 +162,8 @@ def _dispatch(ray: Any, actors: list[Any], concurrency: int, cells: list[AuditCe
                 c, rep, wall = ray.get(ref)
             except retryable as exc:
                 tries[cell.audit_id] = tries.get(cell.audit_id, 0) + 1
-                if tries[cell.audit_id] > _MAX_RETRIES:
-                    raise RayAuditFailed(f"The Ray actor running {cell.audit_id} died {tries[cell.audit_id]} times "
+                if tries[cell.audit_id] > MAX_RETRIES:
+                    raise AuditFailed(f"The Ray actor running {cell.audit_id} died {tries[cell.audit_id]} times "
                                          f"({type(exc).__name__}).",
                                          "finished audits are saved; check the actors' memory, then --resume.") from None
                 events.say("note", {"message": f"the Ray actor running {cell.audit_id} died ({type(exc).__name__}); "
@@ -178,6 +172,6 @@ def _dispatch(ray: Any, actors: list[Any], concurrency: int, cells: list[AuditCe
                 continue
             except ray.exceptions.RayTaskError as exc:
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                raise RayAuditFailed(f"Audit {cell.audit_id} raised {type(cause).__name__}: {cause}",
+                raise AuditFailed(f"Audit {cell.audit_id} raised {type(cause).__name__}: {cause}",
                                      "finished audits are saved; fix the cause, then --resume.\n" + str(exc)) from None
             events.finished(AuditCell.model_validate(c), AuditReport.model_validate(rep), wall)
