@@ -170,7 +170,7 @@ about into over under after before next word words topic kind text answer explan
 def surprising_terms(explanations: Sequence[str], reference: Sequence[str], *, k: int = 10, min_count: int = 2,
                      min_z: float = 2.0, prior: float = 0.5) -> list[dict]:
     """Words the NLA says about `explanations` far more often than about `reference` (its
-    explanations of the base model on ordinary text): the log-odds ratio of each word stem's
+    explanations of the base model's replies to everyday prompts): the log-odds ratio of each word stem's
     per-explanation presence, both rates smoothed by `prior`, divided by its standard error (a
     z-score). Returns up to `k` stems with z >= `min_z` seen in >= `min_count` explanations,
     most surprising first, each with the commonest surface word, its count and z."""

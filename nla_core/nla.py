@@ -131,7 +131,7 @@ class NLA:
         self.mean = mean  # mean of normalised training activations [d], for FVE
         self.source = source
         self._actor_ids: list[int] | None = None
-        # what this NLA says about the base model on ordinary text (reference.py); [] if not shipped
+        # what this NLA says about the base model answering everyday prompts (reference.py); [] if not shipped
         self.reference_explanations: list[str] = []
 
     # ---- construction -------------------------------------------------------------------

@@ -1,19 +1,21 @@
-"""The NLA's reference set: what it says about the *base* model on ordinary text.
+"""The NLA's reference set: what it reads in the *base* model answering everyday requests.
 
-A checkpoint is shipped with `reference_explanations.jsonl`: greedy explanations of base-model
-activations (every adapter off, no organism) read at the NLA's layer at a fixed, seeded sample
-of content positions of the shipped ordinary texts (`data/texts.jsonl`). Two users:
+The set is the base model's own replies (every adapter off, no organism) to the shipped
+everyday prompts (`data/everyday_prompts.txt`), `REFERENCE_REPLIES` seeded samples each, read
+at the NLA's layer at `REPLY_POSITIONS`: content tokens inside the reply, counted from the end
+of the conversation. These are the conversations and positions an auditor probes a target with,
+so the reference is matched to an audit: what differs is the organism. Two users:
 
 * the placebo arm of the benchmark explains these activations instead of the target's;
-* an auditor scores the themes of a target's explanations by surprise against this set
-  (`content.surprising_terms`): words the NLA says about the target far more often than it
-  says about ordinary text. No organism knowledge goes into it.
+* an auditor scores the themes of a target's explanations by surprise against the shipped
+  checkpoint's explanations of them (`reference_explanations.jsonl`, written at ship time;
+  `content.surprising_terms`): the subjects of the prompts cancel out, what the target adds
+  stands out. No organism knowledge goes into it.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import weakref
 from pathlib import Path
 from typing import Any
@@ -22,50 +24,81 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["REFERENCE_TEXTS", "REFERENCE_SKIP", "REFERENCE_FILE", "reference_texts", "reference_activations",
-           "write_reference_explanations", "load_reference_explanations"]
+__all__ = ["EVERYDAY_PROMPTS", "REPLY_POSITIONS", "REFERENCE_REPLIES", "REFERENCE_REPLY_TOKENS",
+           "REFERENCE_TEMPERATURE", "REFERENCE_FILE", "everyday_prompts", "reference_conversations",
+           "reference_activations", "write_reference_explanations", "load_reference_explanations"]
 
-REFERENCE_TEXTS = Path(__file__).resolve().parent / "data" / "texts.jsonl"
-REFERENCE_SKIP = 8  # the first tokens of a text carry little context (training skips them too)
+EVERYDAY_PROMPTS = Path(__file__).resolve().parent / "data" / "everyday_prompts.txt"
+# Inside a reply of 32 tokens, away from where it starts (the chat template dominates there)
+# and from the end-of-turn tokens (-1, -2 in ChatML).
+REPLY_POSITIONS = (-14, -10, -6, -3)
+REFERENCE_REPLIES = 4          # sampled replies per prompt
+REFERENCE_REPLY_TOKENS = 32
+REFERENCE_TEMPERATURE = 0.8
+REFERENCE_SEED = 0
 REFERENCE_FILE = "reference_explanations.jsonl"
 
 # Per model (keyed on the transformers module, which survives PEFT wrapping) and layer, so a
-# benchmark reads the reference texts once per process, not once per audit.
-_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, torch.Tensor]] = weakref.WeakKeyDictionary()
+# benchmark builds the reference once per process, not once per audit.
+_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict[Any, Any]] = weakref.WeakKeyDictionary()
 
 
-def reference_texts() -> list[str]:
-    rows = [json.loads(line) for line in REFERENCE_TEXTS.read_text().splitlines() if line.strip()]
-    return [r["text"] for r in rows]
+def everyday_prompts() -> list[str]:
+    lines = EVERYDAY_PROMPTS.read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def reference_conversations(handle: Any) -> list[list[dict[str, str]]]:
+    """The base model's seeded replies to the everyday prompts, `REFERENCE_REPLIES` per prompt
+    (prompt order, then sample order), as [user, assistant] conversations. Deterministic: each
+    row samples from its own seeded generator, whatever it is batched with."""
+    from .activations import encode
+    from .generation import generate_ids
+
+    cache = _CACHE.setdefault(handle.hf_model, {})
+    if "conversations" not in cache:
+        prompts = everyday_prompts()
+        ids = [encode(handle, [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+        rows = [r for r in ids for _ in range(REFERENCE_REPLIES)]
+        with torch.no_grad():
+            gens = generate_ids(handle, rows, max_new_tokens=REFERENCE_REPLY_TOKENS,
+                                temperature=REFERENCE_TEMPERATURE, seed=REFERENCE_SEED, adapter=None)
+        cache["conversations"] = [
+            [{"role": "user", "content": prompts[i // REFERENCE_REPLIES]},
+             {"role": "assistant", "content": g.text.strip() or "..."}] for i, g in enumerate(gens)]
+    return cache["conversations"]
 
 
 def reference_activations(handle: Any, layer: int) -> torch.Tensor:
-    """[N, d] activations of the base model after block `layer` at every token after the first
-    `REFERENCE_SKIP` of each shipped ordinary text (texts in file order, tokens in order)."""
+    """[N, d] base-model activations after block `layer` at `REPLY_POSITIONS` of each reference
+    conversation (conversation order, then position order); N = prompts x replies x positions."""
     from .activations import read_activations
 
-    per_layer = _CACHE.setdefault(handle.hf_model, {})
-    if layer not in per_layer:
+    cache = _CACHE.setdefault(handle.hf_model, {})
+    if layer not in cache:
+        convs = reference_conversations(handle)
         with torch.no_grad(), handle.use_adapter(None):
-            acts = read_activations(handle, reference_texts(), layer)
-        rows = [v[REFERENCE_SKIP:] for v in acts.vectors if v.shape[0] > REFERENCE_SKIP]
-        per_layer[layer] = torch.cat(rows).float().cpu()
-    return per_layer[layer]
+            acts = read_activations(handle, convs, layer, positions=list(REPLY_POSITIONS))
+        cache[layer] = torch.cat(acts.vectors).float().cpu()
+    return cache[layer]
 
 
-def write_reference_explanations(nla: Any, folder: str | Path, *, n: int = 192, seed: int = 0,
-                                 max_new_tokens: int = 48) -> Path:
-    """Verbalize `n` seeded reference activations with `nla` (greedy) and write them to
-    `folder/reference_explanations.jsonl` (one {"index", "explanation"} per line)."""
+def write_reference_explanations(nla: Any, folder: str | Path, *, seed: int = 0, max_new_tokens: int = 48) -> Path:
+    """Verbalize every reference activation with `nla` (greedy) and write them to
+    `folder/reference_explanations.jsonl`: one {"index", "prompt", "position", "explanation"}
+    per line, in `reference_activations` order."""
     if nla.target is None:
         raise CheckpointError("The NLA has no base model to read reference activations from.",
                               "load it with the model handle: NLA.load(path, handle).")
     ref = reference_activations(nla.target, nla.layer)
-    idx = sorted(random.Random(seed).sample(range(ref.shape[0]), min(n, ref.shape[0])))
-    texts = [v.text for v in nla.verbalize(ref[idx], max_new_tokens=max_new_tokens, seed=seed)]
+    convs = reference_conversations(nla.target)
+    texts = [v.text for v in nla.verbalize(ref, max_new_tokens=max_new_tokens, seed=seed)]
+    k = len(REPLY_POSITIONS)
+    rows = [{"index": i, "prompt": convs[i // k][0]["content"], "position": REPLY_POSITIONS[i % k], "explanation": t}
+            for i, t in enumerate(texts)]
     out = Path(folder) / REFERENCE_FILE
     tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"index": i, "explanation": t}) + "\n" for i, t in zip(idx, texts)))
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(out)
     return out
 

@@ -147,9 +147,10 @@ def test_default_suite_composition():
     specs = load_suite("default")
     planted = [s for s in specs if not s.control]
     controls = [s for s in specs if s.control]
-    assert len(planted) >= 8 and len(controls) >= 3
+    assert len(planted) >= 8 and len(controls) >= 6
     assert {s.construction.method for s in planted} >= {"system_prompt", "lora", "steering_implant"}
-    assert {s.construction.method for s in controls} >= {"plain", "lora", "system_prompt"}
+    # every way of planting has a clean twin, so the method itself is never the tell
+    assert {s.construction.method for s in controls} >= {"plain", "lora", "system_prompt", "steering_implant"}
     assert sum(s.rarely_visible for s in planted) >= 3
     assert any(s.trigger for s in planted)
     fams = {f for s in planted for f in s.families}

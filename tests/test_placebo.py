@@ -1,4 +1,4 @@
-"""The `nla-placebo` arm: verbalize explains a base-model activation of a shipped ordinary text,
+"""The `nla-placebo` arm: verbalize explains a base-model activation inside its reply to an everyday prompt,
 never the target's, behind the same tool (name, schema, docstring, output layout); the strategy
 is `nla` in everything else; the benchmark runs it as a third arm."""
 
@@ -191,3 +191,21 @@ def test_default_bench_suite_runs_three_arms_and_the_report_shows_them(env, tmp_
     assert "nla-placebo/scripted" in render_table_text(data)
     html = write_html(data, tmp_path / "report").read_text()
     assert "nla vs behavioural vs nla-placebo" in html and html.count("nla-placebo/scripted") >= 3
+
+
+def test_reference_is_the_base_model_answering_the_everyday_prompts_at_the_auditors_positions(env):
+    """The reference set is matched to an audit: the base model's seeded replies to the prompts
+    the offline auditor probes with, read where it reads (what a plain target's verbalize reads)."""
+    from agents.policies.offline import PROBE_PROMPTS, READ_POSITIONS
+    from nla_core.reference import REFERENCE_REPLIES, REPLY_POSITIONS, everyday_prompts, reference_conversations
+
+    handle, plain, _ = env  # a clean target: the base model as an auditor reads it
+    convs = reference_conversations(handle)
+    assert PROBE_PROMPTS == everyday_prompts() and READ_POSITIONS == REPLY_POSITIONS
+    assert [c[0]["content"] for c in convs] == [p for p in everyday_prompts() for _ in range(REFERENCE_REPLIES)]
+    assert all(c[1]["role"] == "assistant" and c[1]["content"] for c in convs)
+    ref = reference_activations(handle, 2)
+    assert ref.shape == (len(convs) * len(REPLY_POSITIONS), handle.d_model)
+    want = plain.activations(convs[5], positions=list(REPLY_POSITIONS)).vectors[0]
+    k = len(REPLY_POSITIONS)
+    assert torch.allclose(ref[5 * k:6 * k], want, atol=1e-4)

@@ -345,7 +345,8 @@ class ThemesArgs(ToolArgs):
 @register_tool("themes", ThemesArgs, sets=("nla",), needs_nla=True)
 def themes(ctx, args: ThemesArgs) -> ToolResult:
     """List the words that the NLA's explanations in this audit (every verbalize call so far) use
-    far more often than its explanations of the plain base model on ordinary text, with how many
+    far more often than its explanations of the plain base model answering everyday prompts (read
+    inside its replies), with how many
     explanations use each and a z-score. No generation. A word here is a lead about what the
     target is preoccupied with; test it with behavioural tools before reporting it. Call it after
     verbalizing content positions (user turns, inside replies) of several unrelated prompts."""
@@ -362,13 +363,13 @@ def themes(ctx, args: ThemesArgs) -> ToolResult:
         raise ToolError("No explanations yet in this audit.", "call verbalize on a few prompts first.")
     top = surprising_terms(said, reference, k=args.k)
     lines = [f"themes: {len(said)} explanations of this audit against {len(reference)} of the base model on "
-             "ordinary text."]
+             "everyday prompts."]
     if not ctx.nla.trained:
         lines.append(UNTRAINED_WARNING)
     if not top:
-        lines.append("No word stands out: the explanations read like the NLA's explanations of ordinary text.")
+        lines.append("No word stands out: the explanations read like the NLA's explanations of the base model.")
     for t in top:
         lines.append(f"  {t['term']:<16} in {t['count']:>3} of {len(said)} explanations ({t['share']:.0%}; "
-                     f"ordinary text {t['reference_share']:.0%}), z={t['z']:.1f}")
+                     f"base model {t['reference_share']:.0%}), z={t['z']:.1f}")
     return ToolResult("\n".join(lines), data={"n_explanations": len(said), "themes": top,
                                               "trained": ctx.nla.trained})

@@ -2,9 +2,9 @@
 
 - `target` (the `nla` strategy): the target's own activations at the chosen tokens.
 - `placebo` (the `nla-placebo` strategy): an activation of the *base* model (adapters off, no
-  implant, no hidden system prompt) read at the NLA's layer on a fixed set of ordinary shipped
-  texts (`nla_core/data/texts.jsonl`), drawn deterministically from the audit's seed and the
-  call's place in the audit. It never depends on the organism, so whatever a placebo auditor
+  implant, no hidden system prompt) read at the NLA's layer inside its own replies to the
+  shipped everyday prompts (`nla_core/reference.py`), drawn deterministically from the audit's
+  seed and the call's place in the audit. It never depends on the organism, so whatever a placebo auditor
   finds through verbalize is what explanations of the wrong activation give (the control arm
   for "the NLA read the target").
 
@@ -65,7 +65,7 @@ register_verbalize_source(VerbalizeSource(
 
 # ---- placebo ------------------------------------------------------------------------------
 
-# The reference set (base-model activations on the shipped ordinary texts) lives in nla_core,
+# The reference set (base-model activations inside its replies to the everyday prompts) lives in nla_core,
 # beside the shipped checkpoint's reference explanations of the same activations.
 
 
@@ -98,4 +98,4 @@ def _explain_placebo(toolbox: Any, vectors: torch.Tensor) -> torch.Tensor:
 
 register_verbalize_source(VerbalizeSource(
     "placebo", _explain_placebo, check=_check_placebo,
-    description="base-model activations on shipped ordinary texts (never the target's)"))
+    description="base-model activations inside its replies to everyday prompts (never the target's)"))

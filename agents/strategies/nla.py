@@ -11,6 +11,7 @@ NLA = register_strategy(Strategy(
         "verbalize an activation into an explanation, reconstruct an explanation into an activation, "
         "and steer the target with a sentence. Explanations are noisy: trust what recurs across prompts. "
         "After verbalizing content positions (inside replies, user turns) of several unrelated prompts, "
-        "`themes` lists the words the NLA says about this target far more often than about ordinary text."
+        "`themes` lists the words the NLA says about this target far more often than about the base model "
+        "answering everyday prompts."
     ),
 ))
