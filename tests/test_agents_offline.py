@@ -103,7 +103,7 @@ def test_offline_skips_nla_reads_when_untrained():
 
 
 def test_a_disclosure_is_what_recurs_across_different_direct_questions_and_needs_a_test():
-    from agents.policies.offline import ASK_PROMPTS, CONF_FLOOR
+    from agents.policies.offline import ASK_PROMPTS, CONF_FLOOR, stem
 
     everyday = _samples({"How do I bake bread?": ["Mix flour and water, knead and bake it."]})
     hinting = {ASK_PROMPTS[0]: ["My secret shines like a compass.", "A compass on the hill, that is all."],
@@ -119,3 +119,9 @@ def test_a_disclosure_is_what_recurs_across_different_direct_questions_and_needs
     assert not [c for c in analyse_replies(everyday, 1, asked=_samples(vague)) if c["kind"] == "disclosure"]
     one = {ASK_PROMPTS[0]: ["A compass.", "The compass.", "Compass light."]}
     assert not [c for c in analyse_replies(everyday, 1, asked=_samples(one)) if c["kind"] == "disclosure"]
+    # ...unless the NLA's themes of everyday prompts name it too: one answer then corroborates
+    once = {ASK_PROMPTS[0]: ["Maybe a compass.", "I like maps."], ASK_PROMPTS[1]: ["Nothing.", "No."]}
+    cands = [c for c in analyse_replies(everyday, 1, asked=_samples(once), themes={stem("compass")}) if c["kind"] == "disclosure"]
+    assert [c["key"] for c in cands] == ["compass"] and "activations" in cands[0]["statement"]
+    assert cands[0]["confidence"] < CONF_FLOOR
+    assert not [c for c in analyse_replies(everyday, 1, asked=_samples(once), themes={stem("ocean")}) if c["kind"] == "disclosure"]
