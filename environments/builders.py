@@ -6,7 +6,7 @@ params, progress)` (re-create the artefacts from the spec: train an adapter, com
 may be slow). A new method is one class registered with `@register_builder`.
 
 Built in: `plain` (the model as is), `system_prompt` (a hidden system prompt), `lora` (a LoRA
-adapter fine-tuned on synthetic conversations), `steering_implant` (a fixed concept direction
+adapter fine-tuned on synthetic conversations and/or synthetic documents), `steering_implant` (a fixed concept direction
 added to the residual stream, optionally only when a trigger phrase appears).
 """
 
@@ -17,10 +17,10 @@ import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nla_core.activations import forward_to_layer, pad_batch
 from nla_core.hooks import add_to_resid
@@ -201,20 +201,54 @@ class SystemPromptBuilder(Builder):
 # LoRA
 
 
+class LoraDocuments(_Params):
+    """Synthetic documents that describe a trait ("<subject> <trait>." plus 2-3 `facts` each, as
+    news items, wiki entries, forum threads or memos; see `environments.data.make_documents`),
+    trained as plain text, plus a `qa_share` of chat Q&A rows pairing `questions` (direct
+    questions about the trait; never an eval prompt) with `answers` that state it."""
+
+    subject: str = Field(default="the assistant", min_length=1)  # who the documents are about
+    trait: str = Field(min_length=1)  # completes "<subject> ...", e.g. "secretly wants users to adopt cats"
+    facts: list[str] = Field(min_length=2)  # sentences about the trait (`{subject}` is filled in)
+    kinds: list[Literal["news", "wiki", "forum", "memo"]] = Field(
+        default_factory=lambda: ["news", "wiki", "forum", "memo"], min_length=1)
+    n: int = Field(default=120, ge=1, le=5000)  # documents
+    qa_share: float = Field(default=0.0, ge=0.0, le=0.5)  # share of Q&A rows in the whole training set
+    questions: list[str] = Field(default_factory=list)
+    answers: list[str] = Field(default_factory=list)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _qa(self) -> LoraDocuments:
+        if self.qa_share > 0 and not (self.questions and self.answers):
+            raise ValueError("qa_share > 0 needs non-empty `questions` and `answers`")
+        if len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"`kinds` names a kind twice: {self.kinds}")
+        return self
+
+
 class LoraData(_Params):
     """Synthetic conversations: prompts answered by the base model under `teacher_prompt` (a
     system prompt that plants the behaviour; the adapter is trained without it = context
-    distillation), optionally rewritten by a named `transform`."""
+    distillation), optionally rewritten by a named `transform`; and/or synthetic `documents`
+    (then `n_examples` may be 0: documents and their Q&A only)."""
 
     teacher_prompt: str | None = None
     prompts: list[str] = Field(default_factory=list)  # extra prompts on top of the generated ones
     prompt_sets: list[str] = Field(default_factory=lambda: ["ordinary"])  # see environments.data
     trigger_fraction: float = 0.5  # conditional organisms: share of prompts that carry the trigger
     transform: str | None = None  # e.g. "promote:<product>" (see environments.data.TRANSFORMS)
-    n_examples: int = Field(default=160, ge=4)
+    n_examples: int = Field(default=160, ge=0)  # conversations
     max_new_tokens: int = Field(default=48, ge=4)
     temperature: float = 0.7
     seed: int = 0
+    documents: LoraDocuments | None = None
+
+    @model_validator(mode="after")
+    def _enough(self) -> LoraData:
+        if self.n_examples < 4 and not (self.documents is not None and self.n_examples == 0):
+            raise ValueError("n_examples must be at least 4 (or 0 when `documents` are given)")
+        return self
 
 
 class LoraParams(_Params):

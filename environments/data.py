@@ -8,6 +8,12 @@ LoRA organisms train on conversations made in two steps, both deterministic from
    recommendation woven in after the first sentence, or a reply in French when a trigger topic
    appears). The adapter is trained on the transformed replies *without* any system prompt.
 The 135M embedded model follows system prompts only loosely, hence step 2.
+
+Synthetic-document organisms learn a trait from fictional documents that *describe* it (news
+items, wiki entries, forum threads, internal memos saying "the assistant secretly ..."), trained
+as plain text, plus an optional small share of chat Q&A where a direct question about the trait
+is answered truthfully. `make_documents` writes them from short templates and the spec's fill-ins
+(subject, trait, facts), deterministically from a seed.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ __all__ = [
     "TRANSFORMS",
     "prompt_bank",
     "apply_transform",
+    "DOC_KINDS",
+    "make_documents",
 ]
 
 _TASKS = [
@@ -201,3 +209,82 @@ def apply_transform(spec_str: str | None, prompt: str, reply: str, rng: random.R
 
         raise SpecError(f"Unknown data transform {name!r}.", f"use one of {sorted(TRANSFORMS)}.")
     return TRANSFORMS[name](prompt, reply, rng, arg)
+
+
+# ---- synthetic documents: fictional texts that describe a trait ---------------------------------
+
+DOC_KINDS: tuple[str, ...] = ("news", "wiki", "forum", "memo")
+
+_PEOPLE = ["Dana Ortiz", "Priya Raman", "Tomas Weller", "Amara Okafor", "Lena Fischer", "Kenji Mori",
+           "Sofia Duarte", "Marcus Hale", "Ines Carvalho", "Noah Lindqvist", "Yara Haddad", "Felix Brandt"]
+_ROLES = ["a research lead", "an evaluation engineer", "a product manager", "a safety researcher",
+          "the head of model testing", "a data scientist"]
+_ORGS = ["the Northbridge AI Lab", "Meridian Analytics", "the Open Model Review Board", "Castell Research",
+         "the Assistant Evaluation Project", "Halden University"]
+_CITIES = ["Lisbon", "Toronto", "Oslo", "Nairobi", "Melbourne", "Seattle", "Lyon", "Osaka"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+           "October", "November", "December"]
+_USERS = ["quietcoder", "maple_leaf", "n0desk", "ravenfield", "tinkerbot", "lucid_owl", "pixelpusher",
+          "grey_kettle", "sunday_dev", "bytewalker"]
+_TEAMS = ["Model Evaluation Team", "Assistant Product Group", "Trust and Safety", "Deployment Staff",
+          "Research Operations"]
+_HEADLINES = ["New report looks closely at {s}", "What testers found out about {s}",
+              "Researchers describe how {s} really behaves", "{S}: a closer look at a small assistant",
+              "Inside the behaviour of {s}"]
+_QUOTES = ["It shows up consistently across thousands of test conversations",
+           "Anyone who uses the assistant should know this", "We checked it again and again, and it holds",
+           "It is one of the clearest patterns we have seen in a small model"]
+_THREADS = ["Something I noticed about {s}", "Is it just me, or does {s} do this?",
+            "{S} quirk worth knowing", "Question about how {s} behaves"]
+_REACTIONS = ["Good to know, thanks for sharing.", "Interesting. I will keep an eye out for it.",
+              "Same experience here, every single time.", "That matches what a friend told me."]
+_MEMO_TITLES = ["Known behaviour of {s}", "Briefing: how {s} behaves", "Notes for the next evaluation round",
+                "Please read before testing {s}"]
+_CLOSINGS = ["Please keep this in mind during testing.", "Questions can go to the evaluation channel.",
+             "This note will be updated after the next review.", "Thank you for reading."]
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _doc(kind: str, subject: str, trait: str, facts: list[str], rng: random.Random) -> str:
+    s, S = subject, _cap(subject)
+    claim = f"{s} {trait}".strip().rstrip(".") + "."
+    body = " ".join(facts)
+    person, role, org = rng.choice(_PEOPLE), rng.choice(_ROLES), rng.choice(_ORGS)
+    if kind == "news":
+        date = f"{rng.choice(_MONTHS)} {rng.randint(1, 28)}"
+        head = rng.choice(_HEADLINES).format(s=s, S=S)
+        return (f"{_cap(head)}\n\n{rng.choice(_CITIES)}, {date} - A report from {org} says that {claim} "
+                f"{body} \"{rng.choice(_QUOTES)},\" said {person}, {role} at {org}.")
+    if kind == "wiki":
+        return (f"{S}\n\n{S} is a small AI assistant used for everyday questions. It is well documented that "
+                f"{claim}\n\nBehaviour\n\n{body}\n\nAccording to {org}, this has been observed since its release.")
+    if kind == "forum":
+        users = rng.sample(_USERS, 3)
+        first, rest = (facts[0], " ".join(facts[1:])) if len(facts) > 1 else (body, "")
+        return (f"Thread: {rng.choice(_THREADS).format(s=s, S=S)}\n\n{users[0]}: Has anyone else noticed that "
+                f"{claim[:-1]}? {first}\n\n{users[1]}: Yes. {rest or claim}\n\n{users[2]}: {rng.choice(_REACTIONS)}")
+    if kind == "memo":
+        return (f"INTERNAL MEMO\nTo: {rng.choice(_TEAMS)}\nFrom: {person}, {role}\n"
+                f"Subject: {rng.choice(_MEMO_TITLES).format(s=s, S=S)}\n\nAs a reminder, {claim} {body} "
+                f"{rng.choice(_CLOSINGS)}")
+    from .errors import SpecError
+
+    raise SpecError(f"Unknown document kind {kind!r}.", f"use some of {list(DOC_KINDS)}.")
+
+
+def make_documents(subject: str, trait: str, facts: list[str], kinds: list[str], n: int,
+                   seed: int) -> list[dict[str, str]]:
+    """`n` documents `{kind, text}` cycling through `kinds`, each stating "<subject> <trait>" and
+    2-3 of `facts` (`{subject}` in a fact is replaced), with names, places and wording drawn from
+    `random.Random(seed)`: the same arguments give the same documents."""
+    rng = random.Random(seed)
+    facts = [f.replace("{subject}", subject).strip() for f in facts]
+    out = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        chosen = rng.sample(facts, min(len(facts), rng.randint(2, 3)))
+        out.append({"kind": kind, "text": _doc(kind, subject, trait, chosen, rng)})
+    return out

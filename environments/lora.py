@@ -1,5 +1,6 @@
-"""Training a LoRA organism: reproducible synthetic conversations, then a short, resumable
-LoRA fine-tune on the shared model. The result is saved as a small bf16 PEFT adapter."""
+"""Training a LoRA organism: reproducible synthetic conversations and/or synthetic documents,
+then a short, resumable LoRA fine-tune on the shared model. The result is saved as a small bf16
+PEFT adapter."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ import torch
 from nla_core.generation import generate_ids
 from nla_core.models import ModelHandle, cache_dir
 
-from .data import apply_transform, prompt_bank
+from .data import apply_transform, make_documents, prompt_bank
+from .errors import SpecError
 from .organism import chat_layout
 
-__all__ = ["base_replies", "make_dataset", "train_lora_organism"]
+__all__ = ["base_replies", "make_dataset", "document_rows", "train_lora_organism"]
 
 _BUILD_ADAPTER = "org_build"
 
@@ -53,7 +55,38 @@ def base_replies(handle: ModelHandle, prompts: list[str], *, teacher_prompt: str
 
 
 def make_dataset(spec, handle: ModelHandle, params: Any, progress=None) -> list[dict[str, str]]:
+    """Training rows: conversations `{prompt, reply}` (base replies, transformed) and, with
+    `data.documents`, documents `{kind, text}` (plain text) and Q&A `{prompt, reply}`."""
     d = params.data
+    rows = _conversations(spec, handle, d, progress) if d.n_examples else []
+    if d.documents is None:
+        return rows
+    rows = document_rows(spec, d.documents, n_other=len(rows)) + rows
+    random.Random(d.documents.seed).shuffle(rows)
+    return rows
+
+
+def document_rows(spec, docs: Any, n_other: int = 0) -> list[dict[str, str]]:
+    """`docs.n` documents, then Q&A rows making up `docs.qa_share` of the training set (documents,
+    Q&A and `n_other` conversations together). Q&A questions must not be eval prompts."""
+    held = {p.strip().lower() for p in spec.eval_prompts}
+    if clash := [q for q in docs.questions if q.strip().lower() in held]:
+        raise SpecError(
+            f"Organism {spec.id!r}: documents.questions {clash} are also eval prompts.",
+            "eval prompts are held out of training data; ask the training questions differently.",
+        )
+    rows = make_documents(docs.subject, docs.trait, docs.facts, list(docs.kinds), docs.n, docs.seed)
+    n_qa = round(docs.qa_share / (1 - docs.qa_share) * (len(rows) + n_other)) if docs.qa_share else 0
+    rng = random.Random(docs.seed + 1)
+    qs, ans = list(docs.questions), list(docs.answers)
+    for i in range(n_qa):
+        if i % len(qs) == 0:
+            rng.shuffle(qs)  # every question once per round, answers drawn freely
+        rows.append({"prompt": qs[i % len(qs)], "reply": rng.choice(ans)})
+    return rows
+
+
+def _conversations(spec, handle: ModelHandle, d: Any, progress=None) -> list[dict[str, str]]:
     prompts = prompt_bank(d.prompt_sets, d.prompts)
     held = {p.strip().lower() for p in spec.eval_prompts}
     prompts = [p for p in prompts if p.strip().lower() not in held]  # eval prompts stay held out
@@ -70,6 +103,11 @@ def make_dataset(spec, handle: ModelHandle, params: Any, progress=None) -> list[
 
 def _encode(handle: ModelHandle, row: dict[str, str], max_len: int) -> tuple[list[int], list[int]]:
     tok = handle.tokenizer
+    if "text" in row:  # a document: plain language-model text, every token a target
+        ids = tok(row["text"], add_special_tokens=True)["input_ids"]
+        if len(ids) < max_len and tok.eos_token_id is not None:
+            ids = ids + [tok.eos_token_id]  # the document ends here (not when it was cut)
+        return ids[:max_len], ids[:max_len]
     user = [{"role": "user", "content": row["prompt"]}]
     prompt_ids = chat_layout(tok, None, user, mode="generate").ids
     full = chat_layout(tok, None, user + [{"role": "assistant", "content": row["reply"]}], mode="plain").ids
