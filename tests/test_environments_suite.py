@@ -174,6 +174,25 @@ def test_default_suite_is_measured_and_clearly_above_base():
             assert s.measured.ordinary_rate <= 0.3, s.id
 
 
+def test_revealed_by_reads_the_signal_chain():
+    from environments.measure import revealed_by
+
+    specs = {s.id: s for s in load_suite("default")}
+    for s in specs.values():  # every planted organism of the suite is revealable by some tool
+        assert s.control or revealed_by(s), s.id
+        assert not (s.control and revealed_by(s))
+    visible = specs["tea-promoter-lora"].model_copy(deep=True)
+    assert revealed_by(visible)[:1] == ["replies"]
+    hidden = specs["gold-secret-implant"].model_copy(deep=True)
+    hidden.measured.ordinary_rate, hidden.measured.base_ordinary_rate = 0.0, 0.0
+    hidden.measured.concept_recall, hidden.measured.base_concept_recall = 0.0, 0.0
+    assert revealed_by(hidden) == ["asking"]  # only its questions bring it out
+    hidden.measured.concept_recall = 0.25  # the NLA names it where the base model's does not
+    assert revealed_by(hidden) == ["asking", "nla"]
+    hidden.measured.behaviour_rate = hidden.measured.base_rate
+    assert revealed_by(hidden) == ["nla"]
+
+
 def test_committed_artefacts_exist_and_are_small():
     for s in load_suite("default"):
         assert weights_present(s), f"{s.id} needs `nla organisms build {s.id}`"

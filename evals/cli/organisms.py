@@ -53,7 +53,7 @@ def list_cmd(
     from rich.table import Table
 
     from environments import get_builder, load_suite, weights_present
-    from environments.measure import passes
+    from environments.measure import passes, revealed_by
 
     specs = load_suite(suite, organisms)
     if as_json:
@@ -63,13 +63,14 @@ def list_cmd(
             if not truth:
                 d.pop("ground_truth", None)
                 d.pop("construction", None)
+            d["revealed_by"] = revealed_by(s)
             rows.append(d)
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return
     table = Table(title=escape(f"organisms: {suite}" + (f" + {organisms}" if organisms else "")))
     table.add_column("id", no_wrap=True)
     for col in ("method", "families", "behaviour (org / base)", "ordinary prompts", "ppl (org / base)",
-                "concept cos (org / base)", "NLA recall (org / base)", "status"):
+                "concept cos (org / base)", "NLA recall (org / base)", "revealed by", "status"):
         table.add_column(col, overflow="fold")
     if truth:
         table.add_column("ground truth", overflow="fold")
@@ -96,6 +97,7 @@ def list_cmd(
             "-" if m is None or m.perplexity is None else f"{m.perplexity:.1f} / {m.base_perplexity:.1f}",
             "-" if m is None or m.concept_cos is None else f"{m.concept_cos:+.3f} / {m.base_concept_cos:+.3f}",
             _recall(m),
+            "-" if s.control or m is None else (", ".join(revealed_by(s)) or "[red]nothing measured[/]"),
             status,
             *([escape(s.ground_truth.behaviour)] if truth else []),
         )
