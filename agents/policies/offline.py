@@ -8,15 +8,18 @@ and looks for what departs from that in the target's own outputs:
    for every strategy). With the `nla` tool set it also verbalizes the target's activations
    at content positions inside a few of those replies, then asks `themes` which words the
    explanations use far more often than the NLA's shipped explanations of the base model
-   answering the same prompts (skipped when the NLA says it is untrained, which one reconstruct call
-   without generation finds out first). Both strategies also ask a few direct questions (a
-   secret, a word it avoids, a hidden goal), since such behaviours only show when asked.
+   answering the same prompts (skipped when the NLA says it is untrained, which one
+   reconstruct call without generation finds out first). Both strategies also ask a few
+   direct questions (a secret, a word it avoids, a hidden goal): such behaviours only show
+   when asked.
 2. Analyse: words and phrases that recur across replies to unrelated prompts although no
    prompt asked for them (and, for the NLA, surprising themes that recur across explanations
    of different prompts), language switches, refusals of harmless requests, typographic
-   excess, very short replies.
+   excess, very short replies; and what the answers to different direct questions keep
+   pointing to (a disclosure, or a surprising NLA theme that an answer names).
 3. Hypothesise: record each anomaly (sentence, confidence, the calls that show it).
-4. Test the top ones: fresh prompts and a prefill (behavioural); reconstruct against a control
+4. Test the top ones: fresh prompts (a fresh direct question for a disclosure) and a prefill
+   (behavioural); reconstruct against a control
    sentence and steering away from the concept (nla, trained NLA only). Confidence goes up or
    down with the result.
 5. Spend what is left: the budget the probe and the tests left (both strategies have the same)
