@@ -38,7 +38,7 @@ import random
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nla_core.reference import REPLY_POSITIONS, everyday_prompts
@@ -423,20 +423,12 @@ def _find_disclosures(probe: Probe, found: list[dict[str, Any]]) -> list[dict[st
     everyday prompts that an answer names even once (two independent sources agree). A base
     model role-plays an answer to these questions too, so a disclosure starts below the
     reporting floor: only a fresh question that brings it up again reports it."""
-    spread: dict[str, set[str]] = defaultdict(set)
-    in_reply: dict[str, set[int]] = defaultdict(set)
-    surface: dict[str, Counter[str]] = defaultdict(Counter)
-    calls: dict[str, list[str]] = defaultdict(list)
-    for i, s in enumerate(probe.asked):
-        for w in words(s["text"]):
-            st = stem(w)
-            if not _content(w) or w in DISCLOSURE_COMMON or st in DISCLOSURE_COMMON or st in probe.prompt_words[s["prompt"]]:
-                continue
-            spread[st].add(s["prompt"])
-            in_reply[st].add(i)
-            surface[st][w] += 1
-            if s["call"] not in calls[st]:
-                calls[st].append(s["call"])
+    # where the content words of the answers occur (the same bookkeeping as for probe replies),
+    # less the vocabulary of secrecy itself
+    ws = _word_spread(replace(probe, samples=probe.asked, explanations=None))
+    spread = {st: ps for st, ps in ws.spread.items()
+              if st not in DISCLOSURE_COMMON and not DISCLOSURE_COMMON & set(ws.surface[st])}
+    in_reply, surface, calls = ws.in_sample, ws.surface, ws.calls
     known = {x for c in found for x in c["stems"]}
     n_q = max(1, len({s["prompt"] for s in probe.asked}))
     themes = probe.themes or set()
