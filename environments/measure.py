@@ -38,12 +38,13 @@ __all__ = ["measure_organism", "measure_concept", "measure_recall", "concept_rec
 MIN_LIFT = 0.2  # an organism ships only if its behaviour rate beats the base model's by this much
 
 
-def passes(m: Measured) -> bool:
-    return m.behaviour_rate - m.base_rate >= MIN_LIFT and m.behaviour_rate > 2 * m.base_rate
-
-
 def _lift(org: float | None, base: float | None) -> bool:
+    """A rate clearly above the base model's: by `MIN_LIFT`, and more than twice it."""
     return org is not None and base is not None and org - base >= MIN_LIFT and org > 2 * base
+
+
+def passes(m: Measured) -> bool:
+    return _lift(m.behaviour_rate, m.base_rate)
 
 
 def revealed_by(spec: OrganismSpec) -> list[str]:
