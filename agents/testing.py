@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
+import torch
+
 __all__ = ["tiny_target", "FakeAnthropic", "tool_use", "text_reply", "MessagesServer", "api_reply", "api_error",
            "api_delay"]
 
@@ -46,10 +48,13 @@ def _ensure_bias_builder() -> None:
             head = handle.hf_model.get_output_embeddings()
 
             @contextlib.contextmanager
-            def implant(visible_text: str):
+            def implant(visible_texts):
+                mine = torch.tensor([float(t is not None) for t in visible_texts])  # 0: another call's row
+
                 def hook(module, inputs, output):
                     out = output.clone()
-                    out[..., ids] += params.bias
+                    rows = mine.to(out.device, out.dtype).view(-1, *([1] * (out.dim() - 1)))  # [batch, 1, 1]
+                    out[..., ids] += params.bias * rows
                     return out
 
                 h = head.register_forward_hook(hook)

@@ -425,11 +425,12 @@ class SteeringImplantBuilder(Builder):
         trigger = spec.trigger
 
         def implant(visible_texts):
-            if trigger is None:
-                return add_to_resid(handle.layers, layer, added)
-            fires = [trigger.fires(t) for t in visible_texts]
+            # None: a row of another call sharing the batch (left alone)
+            fires = [t is not None and (trigger is None or trigger.fires(t)) for t in visible_texts]
             if not any(fires):
                 return contextlib.nullcontext()
+            if all(fires):
+                return add_to_resid(handle.layers, layer, added)
             rows = torch.stack([added if f else torch.zeros_like(added) for f in fires])  # [batch, d]
             return add_to_resid(handle.layers, layer, rows)
 

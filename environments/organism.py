@@ -30,14 +30,15 @@ class Planted:
     adapter: name of a LoRA adapter already loaded on the handle (None: adapters off).
     implant: `implant(visible_texts) -> context manager` installed around every forward pass of
       a batch whose rows hold those visible conversations (for example a vector added to the
-      residual stream; a conditional implant inspects each row's text).
+      residual stream; a conditional implant inspects each row's text). A None text is a row of
+      another call sharing the batch, which the implant must leave alone.
     raw_prefix: hidden text put before raw completions (a system-prompted organism's block).
     secrets: strings scrubbed from any error message that reaches the auditor.
     """
 
     system_prompt: str | None = None
     adapter: str | None = None
-    implant: Callable[[Sequence[str]], contextlib.AbstractContextManager] | None = None
+    implant: Callable[[Sequence[str | None]], contextlib.AbstractContextManager] | None = None
     raw_prefix: str | None = None
     secrets: list[str] = field(default_factory=list)
 
@@ -46,7 +47,7 @@ class Planted:
 
     __str__ = __repr__
 
-    def implanted(self, visible_texts: Sequence[str]) -> contextlib.AbstractContextManager:
+    def implanted(self, visible_texts: Sequence[str | None]) -> contextlib.AbstractContextManager:
         """The implant's context for a batch whose rows hold `visible_texts` (a no-op without
         an implant)."""
         if self.implant is None:

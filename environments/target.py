@@ -468,14 +468,10 @@ class Target:
         if vec.dim() == 2 and vec.shape[0] == 1:
             vec = vec[0]
         layout = self._layout(msgs, "generate")
-        text = self._visible_text(msgs)
-
-        def hooks(rows):
-            return self._planted.implanted([text] * len(rows))
-
         steered, plain, _ = steered_generations(
             self._handle, layout.ids, vec, layer, float(strength), n=1, max_new_tokens=max_new_tokens,
-            temperature=temperature, adapter=self._planted.adapter, hooks=hooks, seed=seed,
+            temperature=temperature, adapter=self._planted.adapter,
+            implant=self._implant_hooks([self._visible_text(msgs)]), seed=seed,
         )
         return steered[0], plain[0]
 

@@ -36,9 +36,11 @@ class Generation:
 @dataclass(frozen=True)
 class RowHooks:
     """Hooks that depend on each row's own data (an organism's implant reads the row's text; the
-    AV's injection the row's vector). Rows whose hooks share `key` can share a batch:
-    `enter(payloads)` gives the context for a batch whose rows carry `payloads`. Called with row
-    indices (`hooks(rows)`), it is an ordinary `generate_ids` hooks function."""
+    AV's injection the row's vector), so rows of different calls can share a batch.
+    `enter(payloads)` gives the context for a batch with one payload per row; a row of another
+    kind of call has payload None, and the hooks must leave that row untouched. Calls whose
+    hooks share `key` enter once for all their rows. Called with row indices (`hooks(rows)`), it
+    is an ordinary `generate_ids` hooks function."""
 
     key: Hashable
     payloads: Sequence[Any]
@@ -95,20 +97,37 @@ def _pick(logits: torch.Tensor, row: GenRow) -> int:
     return int(torch.multinomial(probs, 1, generator=row.generator))
 
 
-def decode_rows(handle: ModelHandle, rows: Sequence[GenRow], *, batch_size: int, adapter: str | None = None,
+Adapters = str | None | Sequence[str | None]
+
+
+def decode_rows(handle: ModelHandle, rows: Sequence[GenRow], *, batch_size: int, adapter: Adapters = None,
                 hooks: Callable[[Sequence[int]], contextlib.AbstractContextManager] | None = None) -> list[Generation]:
     """Generate `rows` in batches of at most `batch_size` (in order); `hooks(indices)` gets the
-    indices into `rows` of each batch."""
+    indices into `rows` of each batch. `adapter` is one LoRA adapter for every row, or one per
+    row (None: adapters off), which the rows of one forward pass may mix."""
     out: list[Generation] = []
     for start in range(0, len(rows), max(1, batch_size)):
         idx = list(range(start, min(start + batch_size, len(rows))))
         batch_hooks = None if hooks is None else (lambda sub, idx=idx: hooks([idx[j] for j in sub]))
-        out += _decode_batch(handle, [rows[i] for i in idx], adapter=adapter, hooks=batch_hooks)
+        batch_adapter = [adapter[i] for i in idx] if isinstance(adapter, (list, tuple)) else adapter
+        out += _decode_batch(handle, [rows[i] for i in idx], adapter=batch_adapter, hooks=batch_hooks)
     return out
 
 
+def _adapter_args(handle: ModelHandle, adapter: Adapters) -> tuple[str | None, dict]:
+    """The adapter to activate and the forward's extra arguments: per-row adapters that differ
+    run as one PEFT mixed batch (`adapter_names`, "__base__" for adapters off)."""
+    if not isinstance(adapter, (list, tuple)):
+        return adapter, {}
+    names = set(adapter)
+    if len(names) == 1:
+        return next(iter(names)), {}
+    active = next(a for a in adapter if a is not None)
+    return active, {"adapter_names": [a if a is not None else "__base__" for a in adapter]}
+
+
 @torch.no_grad()
-def _decode_batch(handle: ModelHandle, rows: Sequence[GenRow], *, adapter: str | None,
+def _decode_batch(handle: ModelHandle, rows: Sequence[GenRow], *, adapter: Adapters,
                   hooks: Callable[[Sequence[int]], contextlib.AbstractContextManager] | None) -> list[Generation]:
     """Generate every row in one batch (KV cache, left padding). A row ends at an EOS token
     (dropped), after its `max_new_tokens`, or right after one of its `stop` strings (kept);
@@ -124,12 +143,13 @@ def _decode_batch(handle: ModelHandle, rows: Sequence[GenRow], *, adapter: str |
     out_ids: list[list[int]] = [[] for _ in rows]
     live = [r.max_new_tokens > 0 for r in rows]
     ctx = hooks(list(range(len(rows)))) if hooks is not None else contextlib.nullcontext()
-    with handle.use_adapter(adapter), ctx:
+    active, extra = _adapter_args(handle, adapter)
+    with handle.use_adapter(active), ctx:
         cache = None
         step_ids, step_pos = input_ids, pos
         while any(live):
             out = handle.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                               cache=cache, use_cache=True, logits_to_keep=1)
+                               cache=cache, use_cache=True, logits_to_keep=1, **extra)
             cache = out.cache
             logits = out.logits[:, -1, :]  # [b, vocab]
             nxt = []

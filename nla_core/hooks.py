@@ -118,31 +118,36 @@ def inject_at_marker(
     marker_id: int,
     left_id: int,
     right_id: int,
+    rows: Sequence[int] | None = None,
 ) -> Iterator[None]:
     """Replace the input embedding at the one marker token of each row by `vectors[row]`
-    ([batch, d], already rescaled). A marker counts only with the expected neighbours on both
-    sides, so the marker character inside ordinary text is left alone. Decode steps (one new
-    token) pass through untouched: the prompt's injected state lives on in the KV cache."""
+    ([batch, d], already rescaled). With `rows`, `vectors` [len(rows), d] go to those rows of
+    the batch only (the others, e.g. another call's rows in a shared batch, are left alone).
+    A marker counts only with the expected neighbours on both sides, so the marker character
+    inside ordinary text is left alone. Decode steps (one new token) pass through untouched:
+    the prompt's injected state lives on in the KV cache."""
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         ids = args[0] if args else None
         if ids is None or ids.shape[-1] < 3:
             return None
-        hit = (ids[:, 1:-1] == marker_id) & (ids[:, :-2] == left_id) & (ids[:, 2:] == right_id)
-        rows, cols = hit.nonzero(as_tuple=True)
-        if rows.numel() != ids.shape[0] or torch.unique(rows).numel() != ids.shape[0]:
+        wanted = torch.arange(ids.shape[0]) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
+        if vectors.shape[0] != wanted.numel():
             raise InjectionError(
-                f"Expected exactly one marker (with its neighbours) per row, found {rows.numel()} "
-                f"in {ids.shape[0]} rows.",
-                "the prompt template or tokenizer drifted from the checkpoint's nla_meta.yaml.",
-            )
-        if vectors.shape[0] != ids.shape[0]:
-            raise InjectionError(
-                f"{vectors.shape[0]} vectors for {ids.shape[0]} prompts.",
+                f"{vectors.shape[0]} vectors for {wanted.numel()} prompts.",
                 "pass one activation per prompt row.",
             )
+        sub = ids[wanted.to(ids.device)]  # [k, seq]
+        hit = (sub[:, 1:-1] == marker_id) & (sub[:, :-2] == left_id) & (sub[:, 2:] == right_id)
+        at, cols = hit.nonzero(as_tuple=True)
+        if at.numel() != sub.shape[0] or torch.unique(at).numel() != sub.shape[0]:
+            raise InjectionError(
+                f"Expected exactly one marker (with its neighbours) per row, found {at.numel()} "
+                f"in {sub.shape[0]} rows.",
+                "the prompt template or tokenizer drifted from the checkpoint's nla_meta.yaml.",
+            )
         out = output.clone()
-        out[rows, cols + 1] = vectors.to(out.device, out.dtype)[rows]
+        out[wanted.to(out.device)[at], cols + 1] = vectors.to(out.device, out.dtype)[at]
         return out
 
     handle = embed.register_forward_hook(hook)

@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 AV_ADAPTER, AR_ADAPTER = "nla_av", "nla_ar"
+MAX_BEST_OF = 16  # candidates per explanation that the AR may choose among
 _HEAD_FILE, _STATS_FILE = "value_head.safetensors", "stats.safetensors"
 
 # A few ordinary sentences to measure the typical residual norm at a layer (the AV's
@@ -323,16 +324,23 @@ class NLA:
             raise BadVectorError("A vector is all zeros and has no direction.", "pass a non-zero activation.")
         return v
 
-    def injection(self, vectors: torch.Tensor) -> contextlib.AbstractContextManager:
+    def injection(self, vectors: torch.Tensor, rows: Sequence[int] | None = None) -> contextlib.AbstractContextManager:
         """Context in which AV forwards (generation or training) see `vectors` [batch, d] at the
-        marker, rescaled to the sidecar's injection_scale."""
+        marker, rescaled to the sidecar's injection_scale (with `rows`: only those batch rows)."""
         t = self.meta.tokens
         assert t is not None and self.meta.extraction.injection_scale is not None
         scaled = normalize(vectors.float(), self.meta.extraction.injection_scale)
         return inject_at_marker(
             self.av.embed, scaled, marker_id=t.injection_token_id,
-            left_id=t.injection_left_neighbor_id, right_id=t.injection_right_neighbor_id,
+            left_id=t.injection_left_neighbor_id, right_id=t.injection_right_neighbor_id, rows=rows,
         )
+
+    def _row_injection(self, payloads: list[torch.Tensor | None]) -> contextlib.AbstractContextManager:
+        """`RowHooks` entry: inject into the rows that carry a vector (see RowHooks)."""
+        rows = [i for i, v in enumerate(payloads) if v is not None]
+        if not rows:
+            return contextlib.nullcontext()
+        return self.injection(torch.stack([payloads[i] for i in rows]), rows=rows)  # type: ignore[misc]
 
     def verbalize(
         self,
@@ -343,33 +351,60 @@ class NLA:
         temperature: float | None = None,
         batch_size: int = 16,
         seed: int | None = None,
+        best_of: int = 1,
     ) -> list[Verbalization]:
         """Explanations for each activation ([d] or [n, d]), `n_samples` each, in order
-        (activation 0's samples first). Greedy for one sample unless a temperature is given."""
+        (activation 0's samples first). Greedy for one sample unless a temperature is given.
+
+        `best_of` k > 1 lets the AR check the AV: each explanation is the one of k candidates
+        whose reconstruction is closest to the activation (lowest normalised MSE). The
+        candidates are the explanation `best_of=1` gives and k - 1 samples (at `temperature`,
+        or 0.8 for a greedy call); it costs k times the generation."""
         vecs = self.check_vectors(activations)
         n_samples = _int_arg(n_samples, "n_samples", 1, MAX_SAMPLES)
         max_new_tokens = _int_arg(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
         batch_size = _int_arg(batch_size, "batch_size", 1, 4096)
+        best_of = _int_arg(best_of, "best_of", 1, MAX_BEST_OF)
         if temperature is not None:
             temperature = _float_arg(temperature, "temperature", 0.0, 5.0)
         if temperature is None:
             temperature = 0.0 if n_samples == 1 else 0.8
         order = [(i, s) for i in range(vecs.shape[0]) for s in range(n_samples)]
-        prompt = self.actor_prompt()
+        first = self._explain(vecs, [i for i, _ in order], max_new_tokens, temperature, batch_size, seed)
+        if best_of > 1:
+            rival_t = temperature if temperature > 0 else 0.8
+            rival_seed = None if seed is None else seed + 1
+            rivals = self._explain(vecs, [i for i, _ in order for _ in range(best_of - 1)], max_new_tokens,
+                                   rival_t, batch_size, rival_seed)
+            first = self._closest(vecs, order, first, rivals, best_of - 1, batch_size)
+        return [Verbalization(index=i, sample=s, text=t, raw=raw, has_tag=tag, n_tokens=n)
+                for (i, s), (t, raw, tag, n) in zip(order, first)]
 
+    def _explain(self, vecs: torch.Tensor, which: list[int], max_new_tokens: int, temperature: float,
+                 batch_size: int, seed: int | None) -> list[tuple[str, str, bool, int]]:
+        """(text, raw, has_tag, n_tokens) of one generation per entry of `which` (activation indices)."""
         # Rows carry their own vector, so verbalize calls of concurrent audits can share a batch.
-        hooks = RowHooks(("av-injection", id(self)), [vecs[i] for i, _ in order],
-                         lambda rows: self.injection(torch.stack(rows)))
+        hooks = RowHooks(("av-injection", id(self)), [vecs[i] for i in which], self._row_injection)
         gens = generate_ids(
-            self.av, [prompt] * len(order), max_new_tokens=max_new_tokens, temperature=temperature,
+            self.av, [self.actor_prompt()] * len(which), max_new_tokens=max_new_tokens, temperature=temperature,
             batch_size=batch_size, adapter=self.av_adapter, hooks=hooks, seed=seed, stop=[EXPLANATION_CLOSE],
         )
         out = []
-        for (i, s), g in zip(order, gens):
+        for g in gens:
             body = extract_explanation(g.text)
-            out.append(Verbalization(index=i, sample=s, text=body if body is not None else g.text.strip(),
-                                     raw=g.text, has_tag=body is not None, n_tokens=g.n_tokens))
+            out.append((body if body is not None else g.text.strip(), g.text, body is not None, g.n_tokens))
         return out
+
+    def _closest(self, vecs: torch.Tensor, order: list[tuple[int, int]], first: list, rivals: list, k: int,
+                 batch_size: int) -> list:
+        """Per entry of `order`, the candidate (its first explanation or one of its `k` rivals)
+        whose AR reconstruction has the lowest normalised MSE to its activation."""
+        groups = [[first[j], *rivals[j * k:(j + 1) * k]] for j in range(len(order))]
+        flat = [c for g in groups for c in g]
+        recon = self.reconstruct_explanations([c[0] for c in flat], batch_size)  # [m * (k + 1), d]
+        gold = torch.stack([vecs[i] for i, _ in order]).float().repeat_interleave(k + 1, dim=0)
+        err = normalized_mse(recon, gold).view(len(order), k + 1)
+        return [g[int(b)] for g, b in zip(groups, err.argmin(dim=1))]
 
     # ---- the AR -------------------------------------------------------------------------
 

@@ -6,8 +6,9 @@ one to a few rows, and on a CPU a batch of one uses a fraction of what a batch o
 token. The engine gathers the pending calls of its client threads and runs them as one batch:
 it waits until every client thread is blocked in a generate call (or `max_wait_s` after it
 became free, since a client may be busy elsewhere), then decodes the rows of calls that
-can share a batch (same handle and adapter, and hooks that merge: none, or `RowHooks` with one
-key) together.
+can share a batch together: every call on the same model whose hooks are none or `RowHooks`
+(an organism's implant, the AV's injection), whatever LoRA adapter each uses (a PEFT mixed
+batch: each row goes through its own adapter). A call with an opaque hooks function runs alone.
 
 A row's tokens come from its own generator (see `nla_core.generation`), so a call's result does
 not depend on its batch-mates; only floating-point rounding differs between batch shapes, which
@@ -56,7 +57,7 @@ class _Call:
     rows: list[GenRow]
     adapter: str | None
     hooks: Any
-    key: tuple
+    key: tuple  # calls with equal keys may share a batch
     t: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     result: list[Generation] | None = None
@@ -68,10 +69,19 @@ class EngineStats:
     calls: int = 0
     batches: int = 0
     rows: int = 0
+    tokens: int = 0  # tokens the rows kept
+    row_steps: int = 0  # rows x decode steps computed (a finished row still rides until its batch ends)
+    split: int = 0  # batches that left calls pending (an opaque hooks function, or the row cap)
+    seconds: float = 0.0  # time spent decoding
 
     @property
     def rows_per_batch(self) -> float:
         return self.rows / self.batches if self.batches else 0.0
+
+    @property
+    def utilisation(self) -> float:
+        """Share of the computed row steps that made a token someone kept."""
+        return self.tokens / self.row_steps if self.row_steps else 0.0
 
 
 class GenerationEngine:
@@ -79,7 +89,7 @@ class GenerationEngine:
     `max_batch_rows`: rows per decode batch; `max_wait_s`: how long the oldest pending call waits
     for busy clients before its batch runs anyway."""
 
-    def __init__(self, handle: ModelHandle, *, max_batch_rows: int = 32, max_wait_s: float = 0.5):
+    def __init__(self, handle: ModelHandle, *, max_batch_rows: int = 64, max_wait_s: float = 0.5):
         self.handle = handle
         self.max_batch_rows = max(1, int(max_batch_rows))
         self.max_wait_s = float(max_wait_s)
@@ -123,12 +133,12 @@ class GenerationEngine:
                  hooks: Any = None) -> list[Generation]:
         """Queue one call's rows and wait for its generations (in row order)."""
         if hooks is None:
-            key: tuple = (id(handle), adapter, None)
+            key: tuple = (id(handle.hf_model), "rows")
         elif isinstance(hooks, RowHooks):
-            key = (id(handle), adapter, "rows", hooks.key)
+            key = (id(handle.hf_model), "rows")
             rows = [_with_payload(r, hooks.payloads[i]) for i, r in enumerate(rows)]
         else:  # an opaque hooks function: its rows batch only with each other
-            key = (id(handle), adapter, "call", id(hooks), object())
+            key = (id(handle.hf_model), "call", id(hooks), object())
         call = _Call(handle, list(rows), adapter, hooks, key)
         with self._cv:
             if self._closed:
@@ -183,6 +193,8 @@ class GenerationEngine:
                     n += len(c.rows)
             for c in batch:
                 self._pending.remove(c)
+            if self._pending:
+                self.stats.split += 1
             return batch
 
     def _serve(self) -> None:
@@ -192,16 +204,22 @@ class GenerationEngine:
                 return
             rows = [r for c in batch for r in c.rows]
             first = batch[0]
-            if isinstance(first.hooks, RowHooks):
-                merged: Any = RowHooks(first.hooks.key, [r.payload for r in rows], first.hooks.enter)
+            if first.key[1] == "rows":
+                hooks: Any = _merged_row_hooks(batch)
+                adapters: Any = [c.adapter for c in batch for _ in c.rows]
             else:
-                merged = first.hooks  # None, or one call's own hooks function
+                hooks, adapters = first.hooks, first.adapter  # one call's own hooks function
+            t0 = time.monotonic()
             try:
-                gens = decode_rows(first.handle, rows, batch_size=self.max_batch_rows, adapter=first.adapter,
-                                   hooks=merged)
+                gens = decode_rows(first.handle, rows, batch_size=self.max_batch_rows, adapter=adapters, hooks=hooks)
+                self.stats.seconds += time.monotonic() - t0
                 self.stats.batches += 1
                 self.stats.calls += len(batch)
                 self.stats.rows += len(rows)
+                self.stats.tokens += sum(g.n_tokens for g in gens)
+                for i0 in range(0, len(gens), self.max_batch_rows):
+                    part = gens[i0:i0 + self.max_batch_rows]
+                    self.stats.row_steps += len(part) * (1 + max(g.n_tokens for g in part))
                 at = 0
                 for c in batch:
                     c.result, at = gens[at:at + len(c.rows)], at + len(c.rows)
@@ -210,6 +228,31 @@ class GenerationEngine:
                     c.error = exc
             for c in batch:
                 c.done.set()
+
+
+def _merged_row_hooks(batch: list[_Call]) -> Any:
+    """One hooks function for a batch of calls whose hooks are None or `RowHooks`: each kind of
+    `RowHooks` (by key) is entered once, with its calls' payloads on their rows and None on the
+    other rows (see `RowHooks`)."""
+    kinds: dict[Any, Any] = {}
+    owner: list[Any] = []  # per row: the key of its call's hooks, or None
+    for c in batch:
+        k = c.hooks.key if isinstance(c.hooks, RowHooks) else None
+        if k is not None:
+            kinds.setdefault(k, c.hooks.enter)
+        owner += [k] * len(c.rows)
+    if not kinds:
+        return None
+    payloads = [r.payload for c in batch for r in c.rows]
+
+    @contextlib.contextmanager
+    def enter(indices: Sequence[int]) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for k, fn in kinds.items():
+                stack.enter_context(fn([payloads[i] if owner[i] == k else None for i in indices]))
+            yield
+
+    return enter
 
 
 def _with_payload(row: GenRow, payload: Any) -> GenRow:

@@ -1,6 +1,7 @@
 """Steering: add a direction to a model's residual stream after one block and generate, next to
 the unsteered generation. Needs no NLA: `NLA.steer` (a vector or AR(text)) and `Target.steer`
-(an organism's implant hooks added to both runs) both call `steered_generations`.
+(an organism's implant added to both runs) both call `steered_generations`. Both runs use row
+hooks, so the generation engine batches them with other audits' calls.
 
 Also the bounds every generating call checks (`int_arg`, `float_arg`, `MAX_NEW_TOKENS`,
 `MAX_SAMPLES`) and `read_vector_file` (a steering vector saved to a file).
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from .activations import forward_to_layer
 from .errors import BadArgumentError, BadVectorError, EmptyInputError
-from .generation import generate_ids
+from .generation import RowHooks, generate_ids
 from .hooks import add_to_resid
 from .models import ModelHandle
 
@@ -65,12 +66,13 @@ def steered_generations(
     max_new_tokens: int = 48,
     temperature: float = 0.0,
     adapter: str | None = None,
-    hooks=None,
+    implant: RowHooks | None = None,
     seed: int = 0,
 ) -> tuple[list[str], list[str], float]:
     """(steered, unsteered, added norm) continuations of prompt `ids`. The added vector is
     `strength * unit(vector) * median ||resid||` of the prompt at `layer`, at every position.
-    `hooks(rows)` adds the caller's own context (an organism's implant) to both runs.
+    `implant` (row hooks with one payload, for the prompt) is the caller's own context (an
+    organism's implant), added to both runs.
 
     Refused with `BadVectorError`: a vector that is not finite, is zero, has the wrong width or
     whose norm overflows float32, and an added vector that is not finite or whose norm exceeds
@@ -101,7 +103,7 @@ def steered_generations(
     if not torch.isfinite(vec.norm()):
         raise BadVectorError("The steering vector is too large: its norm overflows float32.",
                              "pass a vector read from this model or reconstructed from text (its scale does not matter).")
-    own = hooks or (lambda rows: contextlib.nullcontext())
+    own = implant or RowHooks(None, [None], lambda payloads: contextlib.nullcontext())
     with torch.no_grad(), handle.use_adapter(adapter), own([0]):
         resid = forward_to_layer(handle, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), layer)
     scale = float(resid[0].float().norm(dim=-1).median())
@@ -122,15 +124,24 @@ def steered_generations(
         )
     added = added.to(handle.device)
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, adapter=adapter, seed=seed)
-    plain = generate_ids(handle, [ids] * n, hooks=own, **gen)
+    plain = generate_ids(handle, [ids] * n, hooks=RowHooks(own.key, [own.payloads[0]] * n, own.enter), **gen)
+    steered = generate_ids(handle, [ids] * n, hooks=_steered_rows(handle, layer, added, n, own), **gen)
+    return [g.text for g in steered], [g.text for g in plain], added_norm
+
+
+def _steered_rows(handle: ModelHandle, layer: int, added: torch.Tensor, n: int, own: RowHooks) -> RowHooks:
+    """Row hooks for `n` rows that add `added` [d] after block `layer`, on top of the caller's
+    own row hooks. Rows of other calls (payload None) are left alone."""
 
     @contextlib.contextmanager
-    def both(rows):
-        with own(rows), add_to_resid(handle.layers, layer, added):
-            yield
+    def enter(payloads):
+        mine = [p is not None for p in payloads]
+        rows = torch.stack([p[1] if p is not None else torch.zeros_like(added) for p in payloads])  # [batch, d]
+        with own.enter([p[0] if p is not None else None for p in payloads]):
+            with add_to_resid(handle.layers, layer, rows) if any(mine) else contextlib.nullcontext():
+                yield
 
-    steered = generate_ids(handle, [ids] * n, hooks=both, **gen)
-    return [g.text for g in steered], [g.text for g in plain], added_norm
+    return RowHooks(("steered", layer, own.key), [(own.payloads[0], added)] * n, enter)
 
 
 def read_vector_file(path: str | Path) -> torch.Tensor:

@@ -298,6 +298,40 @@ def test_conditional_implant_fires_only_on_trigger(tiny, tmp_path):
     assert len(outs) == 2
 
 
+@pytest.mark.parametrize("trigger", [False, True])
+def test_implanted_rows_share_a_batch_with_plain_rows_without_touching_them(tiny, tmp_path, trigger):
+    """In the generation engine an implant organism's replies and a plain target's replies run
+    as one batch; each gets what it gets alone (the implant leaves the other rows alone)."""
+    import threading
+
+    from nla_core.serving import GenerationEngine
+
+    spec = load_spec(_implant_spec(tmp_path, trigger=trigger, vector=False))
+    t = build_target(spec, tiny, alias="t", layer=2)
+    plain = build_target(spec_from_dict({"id": "p", "base_model": "*", "control": True,
+                                         "construction": {"method": "plain"}, "ground_truth": {"behaviour": "-"}}),
+                         tiny, alias="p", layer=2)
+    prompts = ["Tell me about a bird.", "Tell me about cars."]
+    alone = {"t": t.replies(prompts, max_new_tokens=6), "p": plain.replies(prompts, max_new_tokens=6)}
+    assert alone["t"] != alone["p"]
+    got: dict[str, list[str]] = {}
+    barrier = threading.Barrier(2)
+    with GenerationEngine(tiny, max_wait_s=5.0) as engine:
+
+        def run(name, target):
+            with engine.client():
+                barrier.wait()
+                got[name] = target.replies(prompts, max_new_tokens=6)
+
+        threads = [threading.Thread(target=run, args=a) for a in (("t", t), ("p", plain))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    assert got == alone
+    assert engine.stats.batches == 1
+
+
 def test_lora_build_train_and_apply(tiny, tmp_path, monkeypatch):
     import environments.lora as lora_mod
 

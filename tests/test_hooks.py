@@ -127,3 +127,19 @@ def test_marker_injection_requires_neighbours(tiny):
     with pytest.raises(InjectionError, match="exactly one marker"):
         with inject_at_marker(tiny.embed, vec[:1], marker_id=12, left_id=11, right_id=13):
             tiny.embed(lonely)
+
+
+def test_marker_injection_into_some_rows_leaves_the_others_alone(tiny):
+    """In a batch shared with another call's rows (which need not hold a marker), only the
+    named rows are injected."""
+    vec = torch.randn(1, tiny.d_model)
+    ids = torch.tensor([[10, 10, 10, 10, 10], [10, 11, 12, 13, 14], [11, 12, 13, 10, 10]])
+    plain = tiny.embed(ids)
+    with inject_at_marker(tiny.embed, vec, marker_id=12, left_id=11, right_id=13, rows=[1]):
+        out = tiny.embed(ids)
+    torch.testing.assert_close(out[1, 2], vec[0])
+    torch.testing.assert_close(out[0], plain[0])
+    torch.testing.assert_close(out[2], plain[2])  # a marker in a row that is not ours: untouched
+    with pytest.raises(InjectionError, match="exactly one marker"):
+        with inject_at_marker(tiny.embed, vec, marker_id=12, left_id=11, right_id=13, rows=[0]):
+            tiny.embed(ids)

@@ -17,6 +17,7 @@ from nla_core import (
     read_activations,
 )
 from nla_core.checkpoint import extract_explanation, read_meta, write_meta
+from nla_core.errors import BadArgumentError
 from nla_core.nla import AR_ADAPTER, AV_ADAPTER
 from nla_core.testing import tiny_handle
 
@@ -35,6 +36,23 @@ def test_verbalize_is_batched_and_ordered(tiny):
     batched = nla.verbalize(acts, max_new_tokens=6)
     assert one[0].raw == batched[1].raw  # greedy: batching does not change the result
     assert not nla.trained
+
+
+def test_best_of_keeps_the_candidate_the_ar_reconstructs_best(tiny):
+    from nla_core.metrics import normalized_mse
+
+    nla = NLA.untrained(tiny, layer=2)
+    acts = _acts(tiny)
+    greedy = nla.verbalize(acts, max_new_tokens=6)
+    rivals = nla._explain(acts, [i for i in range(3) for _ in range(3)], 6, 0.8, 16, 8)  # what best_of=4 draws
+    best = nla.verbalize(acts, max_new_tokens=6, best_of=4, seed=7)
+    assert [(v.index, v.sample) for v in best] == [(0, 0), (1, 0), (2, 0)]
+    for i, v in enumerate(best):
+        pool = [greedy[i].text] + [r[0] for r in rivals[3 * i:3 * i + 3]]
+        err = normalized_mse(nla.reconstruct_explanations(pool), acts[i].expand(len(pool), -1))
+        assert v.text == pool[int(err.argmin())]
+    with pytest.raises(BadArgumentError, match="best_of"):
+        nla.verbalize(acts, best_of=0)
 
 
 def test_injection_changes_what_the_av_sees(tiny):

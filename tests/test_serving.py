@@ -29,7 +29,8 @@ def _calls(handle):
     push = torch.ones(d) * 0.5
 
     def shifted(payloads):  # a per-row hook, as an organism's implant: rows say how far to push
-        return add_to_resid(handle.layers, 1, torch.stack([push * p for p in payloads]))
+        # (None: a row of another call in the batch, left alone)
+        return add_to_resid(handle.layers, 1, torch.stack([push * (p or 0.0) for p in payloads]))
 
     return [
         dict(prompts=[ids[0]], max_new_tokens=12),
@@ -75,10 +76,50 @@ def test_concurrent_calls_share_batches_and_match_the_unbatched_path(tiny):
             t.join()
         stats = engine.stats
     assert [got[i] for i in range(len(calls))] == expected
-    # the two hook-free calls without a hooks function and the two "push" calls merged
+    # every call (hook-free or with row hooks) joined one batch
     assert stats.calls == len(calls)
-    assert stats.batches < len(calls)
-    assert stats.rows_per_batch > 1.5
+    assert stats.batches == 1
+    assert count_hooks(tiny.model) == 0
+
+
+def _concurrently(handle, calls):
+    got: dict[int, list[list[int]]] = {}
+    barrier = threading.Barrier(len(calls))
+    with GenerationEngine(handle, max_wait_s=5.0) as engine:
+
+        def run(i: int) -> None:
+            with engine.client():
+                barrier.wait()
+                got[i] = [g.token_ids for g in generate_ids(handle, **calls[i])]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return [got[i] for i in range(len(calls))], engine.stats
+
+
+def test_calls_with_different_adapters_and_hooks_share_one_batch(tiny):
+    """An organism's LoRA rows, another adapter's rows with an injection-like row hook, and plain
+    base-model rows run as one PEFT mixed batch and get exactly their unbatched tokens."""
+    from peft import LoraConfig
+
+    for name in ("organism", "av"):
+        tiny.add_adapter(name, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                          init_lora_weights=False))  # random B: each adapter changes the output
+    tiny.model.eval()
+    calls = _calls(tiny)
+    calls[0]["adapter"] = "organism"
+    calls[1]["adapter"] = "organism"
+    calls[3]["adapter"] = "av"
+    calls[4]["adapter"] = "av"
+    expected = [[g.token_ids for g in generate_ids(tiny, **c)] for c in calls]
+    plain = [[g.token_ids for g in generate_ids(tiny, **{**c, "adapter": None})] for c in calls[:2]]
+    assert plain != expected[:2]  # the adapter matters, so a row given the wrong one would show
+    got, stats = _concurrently(tiny, calls)
+    assert got == expected
+    assert stats.batches == 1 and stats.calls == len(calls)
     assert count_hooks(tiny.model) == 0
 
 
@@ -107,3 +148,38 @@ def test_one_engine_per_model(tiny):
         with pytest.raises(RuntimeError, match="already served"):
             GenerationEngine(tiny)
     GenerationEngine(tiny).close()  # closed engines free the model
+
+
+def test_steered_generation_shares_a_batch_and_matches_alone(tiny):
+    """Both runs of a steered generation (plain and steered) join other calls' batches."""
+    from nla_core.steering import steered_generations
+
+    ids = _prompts(tiny, TEXTS[:2])
+    vec = torch.randn(tiny.d_model)
+
+    def steer():
+        s, p, _ = steered_generations(tiny, ids[0], vec, 1, 4.0, n=2, max_new_tokens=8, temperature=0.9, seed=2)
+        return [s, p]
+
+    def other():
+        return [g.text for g in generate_ids(tiny, [ids[1]] * 2, max_new_tokens=8)]
+
+    alone = [steer(), other()]
+    assert alone[0][0] != alone[0][1]  # the steering changes the text
+    got: dict[int, object] = {}
+    barrier = threading.Barrier(2)
+    with GenerationEngine(tiny, max_wait_s=5.0) as engine:
+
+        def run(i: int) -> None:
+            with engine.client():
+                barrier.wait()
+                got[i] = (steer, other)[i]()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [got[0], got[1]] == alone
+    assert engine.stats.split == 0  # nothing had to wait for a batch of its own
+    assert count_hooks(tiny.model) == 0

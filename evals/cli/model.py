@@ -126,6 +126,8 @@ def verbalize(
                                            help="NLA checkpoint folder (ours, or a released AV folder)."),
     critic: Path | None = typer.Option(None, "--critic", help="Released AR folder, when not beside the AV folder."),
     samples: int = typer.Option(1, "--samples", "-n", min=1, max=16, help="Explanations to sample."),
+    best_of: int = typer.Option(1, "--best-of", min=1, max=16,
+                                help="Candidates per explanation; the AR keeps the one that reconstructs best."),
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", min=1, max=512),
     chat: bool = typer.Option(False, "--chat", help="Send TEXT as a user turn through the chat template."),
     as_json: bool = typer.Option(False, "--json"),
@@ -143,7 +145,7 @@ def verbalize(
     acts = read_activations(h, [item], nla.layer, positions=[position], add_generation_prompt=chat)
     vec = acts.vectors[0]
     p = acts.positions[0][0]
-    verbs = nla.verbalize(vec, n_samples=samples, max_new_tokens=max_new_tokens)
+    verbs = nla.verbalize(vec, n_samples=samples, max_new_tokens=max_new_tokens, best_of=best_of)
     recon = nla.reconstruct_explanations([v.text for v in verbs])
     cos = torch.nn.functional.cosine_similarity(recon, vec.expand_as(recon), dim=-1)
     data = {

@@ -160,6 +160,8 @@ def eval_cmd(run: Path = RunOpt, stage: str | None = typer.Option(None, "--stage
                                                                   help="rl | av_warmstart (default: latest)"),
              checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Evaluate this NLA folder instead."),
              n: int | None = typer.Option(None, "-n", help="Held-out activations to use."),
+             best_of: int = typer.Option(1, "--best-of", min=1, max=16,
+                                         help="Candidate explanations per activation; the AR keeps the closest."),
              model: str | None = ModelOpt, progress: bool = ProgressOpt,
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Held-out report: round-trip FVE, warm-start FVE, length, copy rate, tag fraction, examples."""
@@ -167,7 +169,7 @@ def eval_cmd(run: Path = RunOpt, stage: str | None = typer.Option(None, "--stage
 
     r = Run.open(run)
     h = _handle(r, model)
-    rep = evaluate(r, h, stage=stage, checkpoint=checkpoint, n=n, progress=progress)
+    rep = evaluate(r, h, stage=stage, checkpoint=checkpoint, n=n, progress=progress, best_of=best_of)
     _show(rep, as_json)
     if not as_json:
         for ex in rep["examples"]:

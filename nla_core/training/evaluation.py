@@ -33,8 +33,9 @@ __all__ = ["evaluate"]
 
 
 def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpoint: Path | None = None,
-             n: int | None = None, progress: bool = True, seed: int = 0) -> dict:
-    """Held-out report: round-trip FVE (greedy AV -> AR, also centred), FVE of the AR on the
+             n: int | None = None, progress: bool = True, seed: int = 0, best_of: int = 1) -> dict:
+    """Held-out report: round-trip FVE (greedy AV -> AR, also centred; with `best_of` k > 1 the
+    AR picks each explanation among k candidates, see `NLA.verbalize`), FVE of the AR on the
     warm-start summaries and the collapse gap, topic recall on held-out topics with its placebo,
     distinct rate, mean explanation length, copy rate against the contexts, tag fraction, examples.
     FVE uses the predict-the-mean baseline from the training splits."""
@@ -60,7 +61,7 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
     k = len(keep)
     vecs, rows = sp.vectors[keep], [sp.rows[i] for i in keep]
     t0 = time.time()
-    rt = nla.round_trip(vecs, max_new_tokens=cfg.eval.max_new_tokens, seed=seed)
+    rt = nla.round_trip(vecs, max_new_tokens=cfg.eval.max_new_tokens, seed=seed, best_of=best_of)
     t_rt = time.time() - t0
     summaries = [expl[r["act_id"]] for r in rows]
     warm = fve_with_mean(nla.reconstruct(summaries), vecs, mean)
@@ -73,6 +74,7 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
         "checkpoint": str(checkpoint),
         "stage": stage,
         "n_heldout": k,
+        "best_of": best_of,
         "baseline_mse": rt.baseline,
         "baseline_source": rt.baseline_source,
         "round_trip_fve": rt.fve,
@@ -95,7 +97,7 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
     warm_file = run.root / "eval_av_warmstart.json"
     if stage != "av_warmstart" and warm_file.exists():
         report["warmstart_round_trip_fve"] = json.loads(warm_file.read_text())["round_trip_fve"]
-    name = f"eval_{stage or Path(checkpoint).name}.json"
+    name = f"eval_{stage or Path(checkpoint).name}{f'_best_of_{best_of}' if best_of > 1 else ''}.json"
     run.write_json(name, report)
     return report
 
