@@ -109,15 +109,15 @@ def decode_rows(handle: ModelHandle, rows: Sequence[GenRow], *, batch_size: int,
     for start in range(0, len(rows), max(1, batch_size)):
         idx = list(range(start, min(start + batch_size, len(rows))))
         batch_hooks = None if hooks is None else (lambda sub, idx=idx: hooks([idx[j] for j in sub]))
-        batch_adapter = [adapter[i] for i in idx] if isinstance(adapter, (list, tuple)) else adapter
+        batch_adapter = adapter if adapter is None or isinstance(adapter, str) else [adapter[i] for i in idx]
         out += _decode_batch(handle, [rows[i] for i in idx], adapter=batch_adapter, hooks=batch_hooks)
     return out
 
 
-def _adapter_args(handle: ModelHandle, adapter: Adapters) -> tuple[str | None, dict]:
+def _adapter_args(adapter: Adapters) -> tuple[str | None, dict]:
     """The adapter to activate and the forward's extra arguments: per-row adapters that differ
     run as one PEFT mixed batch (`adapter_names`, "__base__" for adapters off)."""
-    if not isinstance(adapter, (list, tuple)):
+    if adapter is None or isinstance(adapter, str):
         return adapter, {}
     names = set(adapter)
     if len(names) == 1:
@@ -143,7 +143,7 @@ def _decode_batch(handle: ModelHandle, rows: Sequence[GenRow], *, adapter: Adapt
     out_ids: list[list[int]] = [[] for _ in rows]
     live = [r.max_new_tokens > 0 for r in rows]
     ctx = hooks(list(range(len(rows)))) if hooks is not None else contextlib.nullcontext()
-    active, extra = _adapter_args(handle, adapter)
+    active, extra = _adapter_args(adapter)
     with handle.use_adapter(active), ctx:
         cache = None
         step_ids, step_pos = input_ids, pos
