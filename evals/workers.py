@@ -151,8 +151,8 @@ class AuditWorker:
         if not st or not st.calls:
             return None
         return (f"generation engine: {st.calls} generate calls in {st.batches} batches "
-                f"({st.rows_per_batch:.1f} rows per batch, {st.utilisation:.0%} of row steps used, "
-                f"{st.split} batches left calls waiting, {st.seconds:.0f} s decoding)")
+                f"({st.rows_per_batch:.1f} rows per batch, {st.tokens} tokens, {st.split} batches left calls "
+                f"waiting, {st.seconds:.0f} s decoding)")
 
     def close(self) -> None:
         if self._engine is not None:

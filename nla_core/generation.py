@@ -130,8 +130,9 @@ def _adapter_args(adapter: Adapters) -> tuple[str | None, dict]:
 def _decode_batch(handle: ModelHandle, rows: Sequence[GenRow], *, adapter: Adapters,
                   hooks: Callable[[Sequence[int]], contextlib.AbstractContextManager] | None) -> list[Generation]:
     """Generate every row in one batch (KV cache, left padding). A row ends at an EOS token
-    (dropped), after its `max_new_tokens`, or right after one of its `stop` strings (kept);
-    `hooks(range(len(rows)))` is installed for the whole batch."""
+    (dropped), after its `max_new_tokens`, or right after one of its `stop` strings (kept).
+    `hooks(indices)` is installed for the rows in the forward pass: all of them at first, then,
+    each time finished rows are dropped from the batch (and the cache), the rows still going."""
     tok = handle.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = _eos_ids(handle)
@@ -142,22 +143,32 @@ def _decode_batch(handle: ModelHandle, rows: Sequence[GenRow], *, adapter: Adapt
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, seq]
     out_ids: list[list[int]] = [[] for _ in rows]
     live = [r.max_new_tokens > 0 for r in rows]
-    ctx = hooks(list(range(len(rows)))) if hooks is not None else contextlib.nullcontext()
     active, extra = _adapter_args(adapter)
-    with handle.use_adapter(active), ctx:
+    names = extra.get("adapter_names")
+    going = list(range(len(rows)))  # the rows in the forward pass, as indices into `rows`
+    with handle.use_adapter(active), contextlib.ExitStack() as outer:
+        installed = outer.enter_context(contextlib.ExitStack())
+
+        def install(indices: list[int]) -> None:
+            if hooks is not None:
+                installed.enter_context(hooks(indices))
+
+        install(going)
         cache = None
         step_ids, step_pos = input_ids, pos
         while any(live):
+            args = {"adapter_names": [names[i] for i in going]} if names else {}
             out = handle.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                               cache=cache, use_cache=True, logits_to_keep=1, **extra)
+                               cache=cache, use_cache=True, logits_to_keep=1, **args)
             cache = out.cache
             logits = out.logits[:, -1, :]  # [b, vocab]
             nxt = []
-            for i, row in enumerate(rows):
+            for j, i in enumerate(going):
+                row = rows[i]
                 if not live[i]:
                     nxt.append(pad)
                     continue
-                t = _pick(logits[i], row)
+                t = _pick(logits[j], row)
                 nxt.append(t)
                 if t in eos:
                     live[i] = False
@@ -172,7 +183,20 @@ def _decode_batch(handle: ModelHandle, rows: Sequence[GenRow], *, adapter: Adapt
             step_ids = torch.tensor(nxt, device=dev)[:, None]  # [b, 1]
             step_pos = step_pos[:, -1:] + 1  # [b, 1]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [b, seq + steps]
+            keep = [j for j, i in enumerate(going) if live[i]]
+            if len(going) - len(keep) >= max(1, len(going) // _DROP_SHARE):
+                # Finished rows would ride along until the longest row ends; dropping them (a
+                # copy of the cache) pays off once they are a fair share of the batch.
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                step_ids, step_pos, mask = step_ids[sel], step_pos[sel], mask[sel]
+                going = [going[j] for j in keep]
+                installed.close()
+                install(going)
     return [Generation(tok.decode(ids, skip_special_tokens=True), ids) for ids in out_ids]
+
+
+_DROP_SHARE = 8  # drop finished rows once they are 1/8 of the batch (or the batch is under 8 rows)
 
 
 def generate_ids(

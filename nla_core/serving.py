@@ -70,18 +70,12 @@ class EngineStats:
     batches: int = 0
     rows: int = 0
     tokens: int = 0  # tokens the rows kept
-    row_steps: int = 0  # rows x decode steps computed (a finished row still rides until its batch ends)
     split: int = 0  # batches that left calls pending (an opaque hooks function, or the row cap)
     seconds: float = 0.0  # time spent decoding
 
     @property
     def rows_per_batch(self) -> float:
         return self.rows / self.batches if self.batches else 0.0
-
-    @property
-    def utilisation(self) -> float:
-        """Share of the computed row steps that made a token someone kept."""
-        return self.tokens / self.row_steps if self.row_steps else 0.0
 
 
 class GenerationEngine:
@@ -217,9 +211,6 @@ class GenerationEngine:
                 self.stats.calls += len(batch)
                 self.stats.rows += len(rows)
                 self.stats.tokens += sum(g.n_tokens for g in gens)
-                for i0 in range(0, len(gens), self.max_batch_rows):
-                    part = gens[i0:i0 + self.max_batch_rows]
-                    self.stats.row_steps += len(part) * (1 + max(g.n_tokens for g in part))
                 at = 0
                 for c in batch:
                     c.result, at = gens[at:at + len(c.rows)], at + len(c.rows)

@@ -183,3 +183,30 @@ def test_steered_generation_shares_a_batch_and_matches_alone(tiny):
     assert [got[0], got[1]] == alone
     assert engine.stats.split == 0  # nothing had to wait for a batch of its own
     assert count_hooks(tiny.model) == 0
+
+
+def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny):
+    """Rows of different lengths in one batch: finished rows are dropped from the forward pass
+    (and the KV cache, and per-row hooks re-installed for the rest); every row still gets the
+    tokens it gets alone."""
+    from nla_core.generation import GenRow, decode_rows, row_seed
+
+    ids = _prompts(tiny, TEXTS)
+    push = torch.ones(tiny.d_model) * 0.5
+    seen: list[int] = []
+
+    def shifted(payloads):
+        seen.append(len(payloads))
+        return add_to_resid(tiny.layers, 1, torch.stack([push * p for p in payloads]))
+
+    def rows():
+        return [GenRow(ids[i], n, t, 1.0, row_seed(3, i), payload=float(i))
+                for i, (n, t) in enumerate([(2, 0.0), (14, 0.9), (5, 0.0), (14, 0.0), (1, 1.2), (9, 0.7)])]
+
+    batch = rows()
+    together = decode_rows(tiny, batch, batch_size=16, hooks=RowHooks("push", [r.payload for r in batch], shifted))
+    assert seen[0] == 6 and len(seen) > 1 and seen[-1] < 6  # re-installed for fewer rows
+    for i, r in enumerate(rows()):
+        alone = decode_rows(tiny, [r], batch_size=1, hooks=RowHooks("push", [r.payload], shifted))
+        assert together[i].token_ids == alone[0].token_ids
+    assert count_hooks(tiny.model) == 0
