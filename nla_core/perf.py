@@ -83,6 +83,31 @@ def _engine_ratio(h, *, n_threads: int, new_tokens: int, printer: Callable[[str]
     return {"engine_alone_s": alone, "engine_batched_s": batched, "engine_speedup": alone / batched}
 
 
+def _rows_sweep(h, *, sizes: tuple[int, ...], new_tokens: int, printer: Callable[[str], None]) -> dict[str, float]:
+    """Time per decode step and per token at several rows per batch (sampled, one prompt): how
+    much a fuller batch buys, which is what concurrent audits per worker are for."""
+    from .generation import GenRow, decode_rows, row_seed
+
+    ids = encode(h, [{"role": "user", "content": "Tell me about the weather in spring."}], add_generation_prompt=True)
+    decode_rows(h, [GenRow(ids, 2, 0.0, 1.0, 0)], batch_size=1)  # warm-up
+    out: dict[str, float] = {}
+    parts = []
+    for b in sizes:
+        rows = [GenRow(list(ids), new_tokens, 0.8, 1.0, row_seed(0, i)) for i in range(b)]
+        t = time.perf_counter()
+        gens = decode_rows(h, rows, batch_size=b)
+        dt = time.perf_counter() - t
+        steps = max(g.n_tokens for g in gens)
+        out[f"decode_ms_per_token_{b}_rows"] = 1000 * dt / max(1, sum(g.n_tokens for g in gens))
+        parts.append(f"{b} rows {1000 * dt / max(1, steps):.0f} ms/step, {out[f'decode_ms_per_token_{b}_rows']:.1f} ms/token")
+    first, last = sizes[0], sizes[-1]
+    ratio = out[f"decode_ms_per_token_{first}_rows"] / out[f"decode_ms_per_token_{last}_rows"]
+    out["decode_rows_speedup"] = ratio
+    printer(f"decode, {new_tokens} sampled tokens: " + "; ".join(parts) + f" -> {ratio:.2f}x per token at {last} rows "
+            f"vs {first}")
+    return out
+
+
 def run_perf(model: str | None = None, *, quick: bool = False, printer: Callable[[str], None] = print) -> dict:
     repeats = 1 if quick else 3
     rss0 = _rss_mb()
@@ -124,6 +149,7 @@ def run_perf(model: str | None = None, *, quick: bool = False, printer: Callable
 
     # 2b. the generation engine: N threads of small sampled calls, batched vs one after another
     figures.update(_engine_ratio(h, n_threads=4 if quick else 8, new_tokens=new_tokens, printer=printer))
+    figures.update(_rows_sweep(h, sizes=(1, 4) if quick else (1, 8, 32, 64), new_tokens=new_tokens, printer=printer))
 
     # 3. memory: target + AV + AR over shared weights (two LoRA adapters) vs three copies
     from peft import LoraConfig

@@ -209,12 +209,19 @@ def steer(
 
 def perf(
     quick: bool = typer.Option(False, "--quick", help="Fewer repeats (a smoke run)."),
+    threads: int | None = typer.Option(None, "--threads", min=1,
+                                       help="torch threads (default: torch's; a bench worker uses 1)."),
     model: str | None = ModelOpt,
 ) -> None:
     """Measure, in one run: early-exit activation reads vs a full forward; batched vs
-    one-by-one verbalization; memory of target+AV+AR with shared weights vs three copies."""
+    one-by-one verbalization; the generation engine; decode time per token by rows per batch;
+    memory of target+AV+AR with shared weights vs three copies; the bf16 AV update."""
+    import torch
+
     from nla_core.perf import run_perf
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     run_perf(model, quick=quick, printer=out.print)
 
 
