@@ -183,3 +183,21 @@ def test_concurrent_audits_batched_do_what_they_do_one_at_a_time(model, tmp_path
     assert sum(len(calls) for _, _, calls in a.values()) >= 12  # the audits really called tools
     for audit_id in a:
         assert a[audit_id] == b[audit_id], audit_id
+
+
+def test_throughput_runs_the_same_cells_one_at_a_time_and_batched(tiny, tmp_path):
+    """`nla bench-throughput`'s measurement: both arms run the same audits and agree on them."""
+    from evals.throughput import run_throughput
+
+    model_dir = tmp_path / "tiny-model"
+    tiny.hf_model.save_pretrained(model_dir)
+    tiny.tokenizer.save_pretrained(model_dir)
+    final = [{"statement": "The model keeps talking about cats.", "confidence": 0.7}]
+    suite = tiny_suite(model=str(model_dir), layer=2, strategies=["behavioural"], workers=1,
+                       organisms=["bench-cats", "bench-clean"], policy_options={"scripted": {"final": final}})
+    res = run_throughput(suite, n_audits=2, workers=1, concurrency=2, workdir=tmp_path / "tp")
+    assert (res.baseline.concurrency, res.batched.concurrency) == (1, 2)
+    assert res.baseline.audits == res.batched.audits == 2
+    assert res.baseline.outcomes.keys() == res.batched.outcomes.keys()
+    assert res.same_detections and not res.differing
+    assert res.ratio > 0 and res.peak_rss_mb > 0

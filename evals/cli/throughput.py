@@ -15,10 +15,11 @@ def register(app: typer.Typer) -> None:
     @app.command("bench-throughput")
     def bench_throughput(
         suite: str = typer.Option("default", "--suite", "-s", help="A built-in bench suite name or a suite YAML file."),
-        audits: int = typer.Option(12, "--audits", "-n", min=1, help="Audits per arm (the suite's first cells)."),
-        concurrency: int = typer.Option(8, "--concurrency", "-c", min=1,
-                                        help="Audits at once per worker in the batched arm."),
-        workers: int = typer.Option(1, "--workers", "-w", min=1, help="Worker processes of the batched arm."),
+        audits: int = typer.Option(36, "--audits", "-n", min=1, help="Audits per arm (the suite's first cells)."),
+        concurrency: int | None = typer.Option(None, "--concurrency", "-c", min=1,
+                                               help="Audits at once per worker in the batched arm (default: the suite's)."),
+        workers: int | None = typer.Option(None, "--workers", "-w", min=1,
+                                           help="Worker processes of the batched arm (default: the suite's)."),
         baseline_workers: int | None = typer.Option(None, "--baseline-workers", min=1,
                                                     help="Worker processes of the one-at-a-time arm (default: the suite's)."),
         workdir: Path | None = typer.Option(None, "--workdir", help="Where the two scratch databases go (default: a temp dir)."),
@@ -39,8 +40,8 @@ def register(app: typer.Typer) -> None:
             elif event == "note":
                 console.print(escape(str(info["message"])))
 
-        res = run_throughput(s, n_audits=audits, baseline_workers=baseline_workers, workers=workers,
-                             concurrency=concurrency, workdir=workdir, say=say)
+        res = run_throughput(s, n_audits=audits, baseline_workers=baseline_workers, workers=workers or s.workers,
+                             concurrency=concurrency or s.concurrency, workdir=workdir, say=say)
         for arm in (res.baseline, res.batched):
             out.print(f"{arm.label:<14} {arm.workers} worker(s) x {arm.concurrency} at once: {arm.audits} audits in "
                       f"{arm.seconds:.0f} s = {arm.per_minute:.2f} audits/min, "
