@@ -126,13 +126,12 @@ class GenerationEngine:
     def generate(self, handle: ModelHandle, rows: Sequence[GenRow], *, adapter: str | None = None,
                  hooks: Any = None) -> list[Generation]:
         """Queue one call's rows and wait for its generations (in row order)."""
-        if hooks is None:
+        if hooks is None or isinstance(hooks, RowHooks):  # joins any batch of such calls
             key: tuple = (id(handle.hf_model), "rows")
-        elif isinstance(hooks, RowHooks):
-            key = (id(handle.hf_model), "rows")
-            rows = [_with_payload(r, hooks.payloads[i]) for i, r in enumerate(rows)]
-        else:  # an opaque hooks function: its rows batch only with each other
-            key = (id(handle.hf_model), "call", id(hooks), object())
+            if hooks is not None:
+                rows = [_with_payload(r, hooks.payloads[i]) for i, r in enumerate(rows)]
+        else:  # an opaque hooks function: its call runs alone
+            key = (id(handle.hf_model), "call", object())
         call = _Call(handle, list(rows), adapter, hooks, key)
         with self._cv:
             if self._closed:
