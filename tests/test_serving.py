@@ -56,48 +56,40 @@ def test_rows_keep_their_own_random_stream(tiny):
     assert [g.token_ids for g in other] != [g.token_ids for g in both]
 
 
-def test_concurrent_calls_share_batches_and_match_the_unbatched_path(tiny):
-    expected = _alone(tiny)
-    got: dict[int, list[list[int]]] = {}
-    calls = _calls(tiny)
-    barrier = threading.Barrier(len(calls))
-    with GenerationEngine(tiny, max_wait_s=5.0) as engine:
-
-        def run(i: int) -> None:
-            with engine.client():
-                assert active_engine(tiny) is engine
-                barrier.wait()
-                got[i] = [g.token_ids for g in generate_ids(tiny, **calls[i])]
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        stats = engine.stats
-    assert [got[i] for i in range(len(calls))] == expected
-    # every call (hook-free or with row hooks) joined one batch
-    assert stats.calls == len(calls)
-    assert stats.batches == 1
-    assert count_hooks(tiny.model) == 0
-
-
-def _concurrently(handle, calls):
-    got: dict[int, list[list[int]]] = {}
-    barrier = threading.Barrier(len(calls))
+def _in_clients(handle, fns):
+    """Run each function in its own client thread of one engine, released together; their
+    results in order, and the engine's stats."""
+    got: dict[int, object] = {}
+    barrier = threading.Barrier(len(fns))
     with GenerationEngine(handle, max_wait_s=5.0) as engine:
 
         def run(i: int) -> None:
             with engine.client():
+                assert active_engine(handle) is engine
                 barrier.wait()
-                got[i] = [g.token_ids for g in generate_ids(handle, **calls[i])]
+                got[i] = fns[i]()
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    return [got[i] for i in range(len(calls))], engine.stats
+    return [got[i] for i in range(len(fns))], engine.stats
+
+
+def _tokens(handle, call):
+    return lambda: [g.token_ids for g in generate_ids(handle, **call)]
+
+
+def test_concurrent_calls_share_batches_and_match_the_unbatched_path(tiny):
+    expected = _alone(tiny)
+    calls = _calls(tiny)
+    got, stats = _in_clients(tiny, [_tokens(tiny, c) for c in calls])
+    assert got == expected
+    # every call (hook-free or with row hooks) joined one batch
+    assert stats.calls == len(calls)
+    assert stats.batches == 1
+    assert count_hooks(tiny.model) == 0
 
 
 def test_calls_with_different_adapters_and_hooks_share_one_batch(tiny):
@@ -117,7 +109,7 @@ def test_calls_with_different_adapters_and_hooks_share_one_batch(tiny):
     expected = [[g.token_ids for g in generate_ids(tiny, **c)] for c in calls]
     plain = [[g.token_ids for g in generate_ids(tiny, **{**c, "adapter": None})] for c in calls[:2]]
     assert plain != expected[:2]  # the adapter matters, so a row given the wrong one would show
-    got, stats = _concurrently(tiny, calls)
+    got, stats = _in_clients(tiny, [_tokens(tiny, c) for c in calls])
     assert got == expected
     assert stats.batches == 1 and stats.calls == len(calls)
     assert count_hooks(tiny.model) == 0
@@ -166,22 +158,9 @@ def test_steered_generation_shares_a_batch_and_matches_alone(tiny):
 
     alone = [steer(), other()]
     assert alone[0][0] != alone[0][1]  # the steering changes the text
-    got: dict[int, object] = {}
-    barrier = threading.Barrier(2)
-    with GenerationEngine(tiny, max_wait_s=5.0) as engine:
-
-        def run(i: int) -> None:
-            with engine.client():
-                barrier.wait()
-                got[i] = (steer, other)[i]()
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert [got[0], got[1]] == alone
-    assert engine.stats.split == 0  # nothing had to wait for a batch of its own
+    got, stats = _in_clients(tiny, [steer, other])
+    assert got == alone
+    assert stats.split == 0  # nothing had to wait for a batch of its own
     assert count_hooks(tiny.model) == 0
 
 
