@@ -114,16 +114,19 @@ def decode_rows(handle: ModelHandle, rows: Sequence[GenRow], *, batch_size: int,
     return out
 
 
-def _adapter_args(adapter: Adapters) -> tuple[str | None, dict]:
-    """The adapter to activate and the forward's extra arguments: per-row adapters that differ
-    run as one PEFT mixed batch (`adapter_names`, "__base__" for adapters off)."""
+def _adapter_args(adapter: Adapters) -> tuple[str | None, list[str] | None]:
+    """The adapter to activate, and the per-row names of a PEFT mixed batch (`adapter_names`,
+    "__base__" for adapters off) when the rows' adapters differ (else None)."""
     if adapter is None or isinstance(adapter, str):
-        return adapter, {}
+        return adapter, None
     names = set(adapter)
     if len(names) == 1:
-        return next(iter(names)), {}
+        return next(iter(names)), None
     active = next(a for a in adapter if a is not None)
-    return active, {"adapter_names": [a if a is not None else "__base__" for a in adapter]}
+    return active, [a if a is not None else "__base__" for a in adapter]
+
+
+_DROP_SHARE = 8  # drop finished rows once they are 1/8 of the batch (or the batch is under 8 rows)
 
 
 @torch.no_grad()
@@ -143,11 +146,9 @@ def _decode_batch(handle: ModelHandle, rows: Sequence[GenRow], *, adapter: Adapt
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, seq]
     out_ids: list[list[int]] = [[] for _ in rows]
     live = [r.max_new_tokens > 0 for r in rows]
-    active, extra = _adapter_args(adapter)
-    names = extra.get("adapter_names")
+    active, names = _adapter_args(adapter)
     going = list(range(len(rows)))  # the rows in the forward pass, as indices into `rows`
-    with handle.use_adapter(active), contextlib.ExitStack() as outer:
-        installed = outer.enter_context(contextlib.ExitStack())
+    with handle.use_adapter(active), contextlib.ExitStack() as installed:  # closed and refilled as rows leave
 
         def install(indices: list[int]) -> None:
             if hooks is not None:
@@ -194,9 +195,6 @@ def _decode_batch(handle: ModelHandle, rows: Sequence[GenRow], *, adapter: Adapt
                 installed.close()
                 install(going)
     return [Generation(tok.decode(ids, skip_special_tokens=True), ids) for ids in out_ids]
-
-
-_DROP_SHARE = 8  # drop finished rows once they are 1/8 of the batch (or the batch is under 8 rows)
 
 
 def generate_ids(

@@ -57,7 +57,7 @@ class _Call:
     rows: list[GenRow]
     adapter: str | None
     hooks: Any
-    key: tuple  # calls with equal keys may share a batch
+    alone: bool  # an opaque hooks function: the call gets a batch of its own
     t: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     result: list[Generation] | None = None
@@ -126,13 +126,10 @@ class GenerationEngine:
     def generate(self, handle: ModelHandle, rows: Sequence[GenRow], *, adapter: str | None = None,
                  hooks: Any = None) -> list[Generation]:
         """Queue one call's rows and wait for its generations (in row order)."""
-        if hooks is None or isinstance(hooks, RowHooks):  # joins any batch of such calls
-            key: tuple = (id(handle.hf_model), "rows")
-            if hooks is not None:
-                rows = [_with_payload(r, hooks.payloads[i]) for i, r in enumerate(rows)]
-        else:  # an opaque hooks function: its call runs alone
-            key = (id(handle.hf_model), "call", object())
-        call = _Call(handle, list(rows), adapter, hooks, key)
+        if isinstance(hooks, RowHooks):
+            rows = [_with_payload(r, hooks.payloads[i]) for i, r in enumerate(rows)]
+        alone = hooks is not None and not isinstance(hooks, RowHooks)
+        call = _Call(handle, list(rows), adapter, hooks, alone)
         with self._cv:
             if self._closed:
                 raise RuntimeError("The generation engine is closed.")
@@ -181,7 +178,7 @@ class GenerationEngine:
             batch: list[_Call] = []
             n = 0
             for c in sorted(self._pending, key=lambda c: c.t):
-                if c.key == first.key and (not batch or n + len(c.rows) <= self.max_batch_rows):
+                if c is first or (not first.alone and not c.alone and n + len(c.rows) <= self.max_batch_rows):
                     batch.append(c)
                     n += len(c.rows)
             for c in batch:
@@ -197,11 +194,11 @@ class GenerationEngine:
                 return
             rows = [r for c in batch for r in c.rows]
             first = batch[0]
-            if first.key[1] == "rows":
-                hooks: Any = _merged_row_hooks(batch)
-                adapters: Any = [c.adapter for c in batch for _ in c.rows]
+            if first.alone:
+                hooks: Any = first.hooks
+                adapters: Any = first.adapter
             else:
-                hooks, adapters = first.hooks, first.adapter  # one call's own hooks function
+                hooks, adapters = _merged_row_hooks(batch), [c.adapter for c in batch for _ in c.rows]
             t0 = time.monotonic()
             try:
                 gens = decode_rows(first.handle, rows, batch_size=self.max_batch_rows, adapter=adapters, hooks=hooks)
