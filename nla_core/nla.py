@@ -324,14 +324,26 @@ class NLA:
             raise BadVectorError("A vector is all zeros and has no direction.", "pass a non-zero activation.")
         return v
 
+    def injected(self, vectors: torch.Tensor) -> torch.Tensor:
+        """What the AV sees at the marker for activations [batch, d]: the direction (centred on
+        the training mean when the sidecar says so) rescaled to the sidecar's injection_scale."""
+        ext = self.meta.extraction
+        assert ext.injection_scale is not None
+        v = normalize(vectors.float())
+        if ext.injection_centred:
+            if self.mean is None:
+                raise CheckpointError(f"{self.source}: the sidecar says the injection is centred, but the checkpoint "
+                               "has no training-set mean.", "restore stats.safetensors beside nla_meta.yaml.")
+            v = v - self.mean.to(v)
+        return normalize(v, ext.injection_scale)
+
     def injection(self, vectors: torch.Tensor, rows: Sequence[int] | None = None) -> contextlib.AbstractContextManager:
         """Context in which AV forwards (generation or training) see `vectors` [batch, d] at the
-        marker, rescaled to the sidecar's injection_scale (with `rows`: only those batch rows)."""
+        marker as `injected` makes them (with `rows`: only those batch rows)."""
         t = self.meta.tokens
-        assert t is not None and self.meta.extraction.injection_scale is not None
-        scaled = normalize(vectors.float(), self.meta.extraction.injection_scale)
+        assert t is not None
         return inject_at_marker(
-            self.av.embed, scaled, marker_id=t.injection_token_id,
+            self.av.embed, self.injected(vectors), marker_id=t.injection_token_id,
             left_id=t.injection_left_neighbor_id, right_id=t.injection_right_neighbor_id, rows=rows,
         )
 
@@ -384,7 +396,9 @@ class NLA:
                  batch_size: int, seed: int | None) -> list[tuple[str, str, bool, int]]:
         """(text, raw, has_tag, n_tokens) of one generation per entry of `which` (activation indices)."""
         # Rows carry their own vector, so verbalize calls of concurrent audits can share a batch.
-        hooks = RowHooks(("av-injection", id(self)), [vecs[i] for i in which], self._row_injection)
+        # The samples of one activation carry the same tensor, so they share one prefill.
+        views = list(vecs)
+        hooks = RowHooks(("av-injection", id(self)), [views[i] for i in which], self._row_injection)
         gens = generate_ids(
             self.av, [self.actor_prompt()] * len(which), max_new_tokens=max_new_tokens, temperature=temperature,
             batch_size=batch_size, adapter=self.av_adapter, hooks=hooks, seed=seed, stop=[EXPLANATION_CLOSE],

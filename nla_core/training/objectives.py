@@ -8,7 +8,7 @@ import torch
 
 from ..activations import pad_batch
 from ..hooks import inject_at_marker
-from ..metrics import normalize, normalized_mse
+from ..metrics import normalized_mse
 from ..models import ModelHandle
 from ..nla import NLA
 from .common import autocast, trainable
@@ -47,9 +47,8 @@ def _injection(nla: NLA, h: ModelHandle, vectors: torch.Tensor):
     if h is nla.av:
         return nla.injection(vectors)
     t = nla.meta.tokens
-    scale = nla.meta.extraction.injection_scale
-    assert t is not None and scale is not None, "an NLA's sidecar names its marker tokens and scale"
-    return inject_at_marker(h.embed, normalize(vectors.float(), scale),
+    assert t is not None, "an NLA's sidecar names its marker tokens"
+    return inject_at_marker(h.embed, nla.injected(vectors),
                             marker_id=t.injection_token_id, left_id=t.injection_left_neighbor_id,
                             right_id=t.injection_right_neighbor_id)
 
