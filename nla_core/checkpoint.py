@@ -67,10 +67,6 @@ class TokenMeta(BaseModel):
 class ExtractionMeta(BaseModel):
     model_config = ConfigDict(extra="allow")
     injection_scale: float | None = None
-    # Subtract the training-set mean (stats.safetensors) from the normalised activation before
-    # rescaling. Released NLAs inject the raw direction; at late blocks of a small model most of
-    # that norm is a direction every activation shares (see docs/training.md).
-    injection_centred: bool = False
     mse_scale: float | str | None = "sqrt_d_model"
     layer_index: int | None = None
 
@@ -135,7 +131,6 @@ class NLAMeta(BaseModel):
         layer: int,
         injection_scale: float,
         base_model: str | None,
-        injection_centred: bool = False,
         injection_char: str | None = None,
         actor_template: str = ACTOR_TEMPLATE,
         critic_template: str = CRITIC_TEMPLATE,
@@ -150,8 +145,7 @@ class NLAMeta(BaseModel):
             role=PAIR_ROLE,
             base_model=base_model,
             d_model=d_model,
-            extraction=ExtractionMeta(injection_scale=injection_scale, injection_centred=injection_centred,
-                                      layer_index=layer),
+            extraction=ExtractionMeta(injection_scale=injection_scale, layer_index=layer),
             tokens=TokenMeta(
                 injection_char=char,
                 injection_token_id=token_id,

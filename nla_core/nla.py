@@ -325,17 +325,10 @@ class NLA:
         return v
 
     def injected(self, vectors: torch.Tensor) -> torch.Tensor:
-        """What the AV sees at the marker for activations [batch, d]: the direction (centred on
-        the training mean when the sidecar says so) rescaled to the sidecar's injection_scale."""
-        ext = self.meta.extraction
-        assert ext.injection_scale is not None
-        v = normalize(vectors.float())
-        if ext.injection_centred:
-            if self.mean is None:
-                raise CheckpointError(f"{self.source}: the sidecar says the injection is centred, but the checkpoint "
-                               "has no training-set mean.", "restore stats.safetensors beside nla_meta.yaml.")
-            v = v - self.mean.to(v)
-        return normalize(v, ext.injection_scale)
+        """What the AV sees at the marker for activations [batch, d]: each rescaled to the
+        sidecar's injection_scale."""
+        assert self.meta.extraction.injection_scale is not None
+        return normalize(vectors.float(), self.meta.extraction.injection_scale)
 
     def injection(self, vectors: torch.Tensor, rows: Sequence[int] | None = None) -> contextlib.AbstractContextManager:
         """Context in which AV forwards (generation or training) see `vectors` [batch, d] at the

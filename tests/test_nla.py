@@ -68,29 +68,6 @@ def test_injection_changes_what_the_av_sees(tiny):
     torch.testing.assert_close(next_token_logits(a), next_token_logits(3 * a))  # rescaled to injection_scale
 
 
-def test_centred_injection_subtracts_the_training_mean(tmp_path):
-    from nla_core.metrics import normalize
-
-    h = tiny_handle()
-    nla = _trained_like(h)
-    nla.meta.extraction.injection_centred = True
-    acts = _acts(h)
-    scale = nla.meta.extraction.injection_scale
-    torch.testing.assert_close(nla.injected(acts), normalize(normalize(acts) - nla.mean, scale))
-    # What the AV writes depends on the mean it centres on.
-    want = [v.raw for v in nla.verbalize(acts, max_new_tokens=6)]
-    nla.save(tmp_path / "ckpt")
-    loaded = NLA.load(tmp_path / "ckpt", tiny_handle())
-    assert loaded.meta.extraction.injection_centred
-    assert [v.raw for v in loaded.verbalize(acts, max_new_tokens=6)] == want
-    loaded.meta.extraction.injection_centred = False
-    assert not torch.allclose(loaded.injected(acts), nla.injected(acts))
-    loaded.meta.extraction.injection_centred, loaded.mean = True, None
-    with pytest.raises(CheckpointError, match="centred") as exc:
-        loaded.verbalize(acts, max_new_tokens=2)
-    assert "stats.safetensors" in exc.value.fix
-
-
 def test_reconstruct_and_round_trip(tiny):
     nla = NLA.untrained(tiny, layer=2)
     rec = nla.reconstruct(["a sentence", "another one about cats"])

@@ -145,26 +145,6 @@ def test_changed_config_on_resume_is_refused(tmp_path):
     assert Run.open(tmp_path / "run").config.av_warmstart.steps == 9
 
 
-def test_injection_config_is_fixed_when_the_nla_is_created(tmp_path, tiny):
-    from nla_core.training.common import new_nla
-
-    run = Run.open(tmp_path / "run", tiny_config())
-    (run.data_dir).mkdir(parents=True)
-    (run.data_dir / "dataset.yaml").write_text("kind: nla_activations\n")
-    centred = tiny_config()
-    centred.injection.centred, centred.injection.scale = True, "embeddings"
-    # A non-default injection enters the stage hashes (checkpoints of the other one are not resumed).
-    assert tiny_config().stage_hash("rl") != centred.stage_hash("rl")
-    assert Run.open(run.root, centred).config.injection.centred  # data exists, no NLA yet: accepted
-    nla = new_nla(tiny, centred, 2, activation_norm=123.0, mean=torch.zeros(tiny.d_model))
-    ext = nla.meta.extraction
-    assert ext.injection_centred
-    assert ext.injection_scale == pytest.approx(float(tiny.embedding_matrix.norm(dim=-1).median()))
-    (run.stage_dir("ar_warmstart") / "ckpt").mkdir(parents=True)
-    with pytest.raises(ConfigChangedError, match="injection.centred"):
-        Run.open(run.root, tiny_config())
-
-
 def test_config_file_roundtrip_and_bad_file(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text(preset("gpu").to_yaml())

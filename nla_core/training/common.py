@@ -124,17 +124,11 @@ def _fresh_adapter(handle: ModelHandle, name: str, cfg) -> None:
     handle.add_adapter(name, cfg)
 
 
-def new_nla(handle: ModelHandle, config: TrainConfig, layer: int, activation_norm: float, mean: torch.Tensor | None) -> NLA:
+def new_nla(handle: ModelHandle, config: TrainConfig, layer: int, injection_scale: float, mean: torch.Tensor | None) -> NLA:
     """An untrained NLA with fresh LoRA adapters (identity at start) and an identity AR head,
-    or full copies of the model for `finetune: full`. `activation_norm`: the median norm of the
-    layer's activations (the injection scale unless `config.injection` says embeddings)."""
-    if config.injection.scale == "embeddings":
-        scale = float(handle.embedding_matrix.float().norm(dim=-1).median())
-    else:
-        scale = activation_norm
+    or full copies of the model for `finetune: full`."""
     meta = NLAMeta.build(
-        handle.tokenizer, d_model=handle.d_model, layer=layer, injection_scale=scale,
-        injection_centred=config.injection.centred,
+        handle.tokenizer, d_model=handle.d_model, layer=layer, injection_scale=injection_scale,
         base_model=handle.name, actor_template=config.actor_template or ACTOR_TEMPLATE,
         critic_template=config.critic_template or CRITIC_TEMPLATE, trained=False,
     )

@@ -16,8 +16,7 @@ from ..errors import NLAError
 
 __all__ = [
     "CorpusConfig", "LoraConfigModel", "ARWarmstartConfig", "AVWarmstartConfig", "RLConfig",
-    "EvalConfig", "InjectionConfig", "TrainConfig",
-    "ConfigChangedError", "preset", "PRESETS", "SHORT_ACTOR_TEMPLATE", "PLAIN_CRITIC_TEMPLATE",
+    "EvalConfig", "TrainConfig", "ConfigChangedError", "preset", "PRESETS", "SHORT_ACTOR_TEMPLATE", "PLAIN_CRITIC_TEMPLATE",
     "CPU_ACTOR_TEMPLATE",
     "config_diff",
 ]
@@ -109,16 +108,6 @@ class RLConfig(_Strict):
     contrastive_negatives: int = 60
 
 
-class InjectionConfig(_Strict):
-    """How the AV sees the activation at its marker (written into the checkpoint's sidecar)."""
-    # Subtract the training-set mean from the normalised activation first, so the shared
-    # direction (two huge residual dimensions at late blocks) does not fill the injected vector.
-    centred: bool = False
-    # Rescale to the median norm of the layer's activations (the released NLAs' convention) or
-    # of the model's token embeddings (what the marker's neighbours have).
-    scale: Literal["activations", "embeddings"] = "activations"
-
-
 class EvalConfig(_Strict):
     n_heldout: int = 32
     max_new_tokens: int = 56
@@ -152,7 +141,6 @@ class TrainConfig(_Strict):
     ar_warmstart: ARWarmstartConfig = Field(default_factory=ARWarmstartConfig)
     av_warmstart: AVWarmstartConfig = Field(default_factory=AVWarmstartConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
-    injection: InjectionConfig = Field(default_factory=InjectionConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     # ---- io ---------------------------------------------------------------------------------
@@ -179,8 +167,6 @@ class TrainConfig(_Strict):
         d = self.model_dump(mode="json")
         keep = {k: d[k] for k in ("model", "layer", "seed", "finetune", "actor_template", "critic_template",
                                   "explanation_tokens", "corpus", "lora")}
-        if d["injection"] != InjectionConfig().model_dump(mode="json"):  # older runs keep their hashes
-            keep["injection"] = d["injection"]
         keep.update({s: {k: v for k, v in d[s].items() if k != "steps"} for s in sections})
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

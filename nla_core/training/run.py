@@ -27,7 +27,6 @@ STAGES = ("ar_warmstart", "av_warmstart", "rl")
 # Which stage a config field belongs to; "all": every stage depends on it; None: never
 # changes results (may change any time).
 _SECTION_OWNER = {"ar_warmstart": "ar_warmstart", "av_warmstart": "av_warmstart", "rl": "rl", "eval": None,
-                  "injection": "ar_warmstart",  # the NLA's sidecar is written when the AR warm-start starts
                   "threads": None, "save_every": None, "claude_concurrency": None, "preset": None}
 
 
