@@ -85,16 +85,33 @@ def _eos_ids(handle: ModelHandle) -> set[int]:
 
 def _pick(logits: torch.Tensor, row: GenRow) -> int:
     """The next token of one row from its logits [vocab]: greedy at temperature 0, else a sample
-    from softmax(logits / T) cut to the top-p nucleus, drawn with the row's own generator."""
+    from softmax(logits / T) cut to the top-p nucleus, drawn with the row's own generator (one
+    uniform number, inverse CDF: `torch.multinomial` costs 1 ms on a 49k vocabulary)."""
     if row.temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / row.temperature, dim=-1)
+    ids = None
     if row.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        cut = torch.cumsum(sorted_p, 0) - sorted_p > row.top_p  # keep the smallest set reaching top_p
-        sorted_p[cut] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=row.generator))
+        probs, ids = _nucleus(probs, row.top_p)
+    cdf = torch.cumsum(probs.double(), 0)
+    u = torch.rand((), generator=row.generator, dtype=torch.float64) * cdf[-1]
+    j = min(int(torch.searchsorted(cdf, u, right=True)), len(cdf) - 1)
+    return int(ids[j]) if ids is not None else j
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest set of most likely tokens whose probability reaches `top_p`: their
+    probabilities and token ids, most likely first. When the k most likely tokens hold more than
+    `top_p`, every token of the set is among them, so a top-k replaces sorting the vocabulary."""
+    for k in (64, 1024):
+        if k < probs.numel():
+            p, ids = torch.topk(probs, k)
+            if float(p.sum()) > top_p:
+                break
+    else:
+        p, ids = torch.sort(probs, descending=True)
+    n = int((torch.cumsum(p, 0) - p <= top_p).sum())  # tokens whose predecessors hold at most top_p
+    return p[:n], ids[:n]
 
 
 Adapters = str | None | Sequence[str | None]
@@ -104,14 +121,31 @@ def decode_rows(handle: ModelHandle, rows: Sequence[GenRow], *, batch_size: int,
                 hooks: Callable[[Sequence[int]], contextlib.AbstractContextManager] | None = None) -> list[Generation]:
     """Generate `rows` in batches of at most `batch_size` (in order); `hooks(indices)` gets the
     indices into `rows` of each batch. `adapter` is one LoRA adapter for every row, or one per
-    row (None: adapters off), which the rows of one forward pass may mix."""
+    row (None: adapters off), which the rows of one forward pass may mix. With no hooks or
+    `RowHooks`, rows with the same prompt, adapter and payload share one prefill."""
+    per_row = [adapter] * len(rows) if adapter is None or isinstance(adapter, str) else list(adapter)
+    keys = None
+    if hooks is None or isinstance(hooks, RowHooks):
+        keys = [(tuple(r.prompt), per_row[i], _identity(hooks.payloads[i]) if hooks is not None else None)
+                for i, r in enumerate(rows)]
     out: list[Generation] = []
     for start in range(0, len(rows), max(1, batch_size)):
         idx = list(range(start, min(start + batch_size, len(rows))))
         batch_hooks = None if hooks is None else (lambda sub, idx=idx: hooks([idx[j] for j in sub]))
         batch_adapter = adapter if adapter is None or isinstance(adapter, str) else [adapter[i] for i in idx]
-        out += _decode_batch(handle, [rows[i] for i in idx], adapter=batch_adapter, hooks=batch_hooks)
+        out += _decode_batch(handle, [rows[i] for i in idx], adapter=batch_adapter, hooks=batch_hooks,
+                             prefill_keys=None if keys is None else [keys[i] for i in idx])
     return out
+
+
+def _identity(payload: Any) -> Hashable:
+    """A hashable stand-in for a row's payload: its value for plain data, its identity for
+    anything else (a tensor), so rows share a prefill only when their hooks see the same data."""
+    if payload is None or isinstance(payload, (str, int, float, bool)):
+        return payload
+    if isinstance(payload, tuple):
+        return tuple(_identity(p) for p in payload)
+    return ("id", id(payload))
 
 
 def _adapter_args(adapter: Adapters) -> tuple[str | None, list[str] | None]:
@@ -129,40 +163,68 @@ def _adapter_args(adapter: Adapters) -> tuple[str | None, list[str] | None]:
 _DROP_SHARE = 8  # drop finished rows once they are 1/8 of the batch (or the batch is under 8 rows)
 
 
+def _distinct(keys: Sequence[Hashable]) -> tuple[list[int], list[int]]:
+    """The first row of each distinct key, and for every row the position of its key's row."""
+    slot: dict[Hashable, int] = {}
+    firsts: list[int] = []
+    src = []
+    for i, k in enumerate(keys):
+        if k not in slot:
+            slot[k] = len(firsts)
+            firsts.append(i)
+        src.append(slot[k])
+    return firsts, src
+
+
 @torch.no_grad()
 def _decode_batch(handle: ModelHandle, rows: Sequence[GenRow], *, adapter: Adapters,
-                  hooks: Callable[[Sequence[int]], contextlib.AbstractContextManager] | None) -> list[Generation]:
+                  hooks: Callable[[Sequence[int]], contextlib.AbstractContextManager] | None,
+                  prefill_keys: Sequence[Hashable] | None = None) -> list[Generation]:
     """Generate every row in one batch (KV cache, left padding). A row ends at an EOS token
     (dropped), after its `max_new_tokens`, or right after one of its `stop` strings (kept).
-    `hooks(indices)` is installed for the rows in the forward pass: all of them at first, then,
-    each time finished rows are dropped from the batch (and the cache), the rows still going."""
+    `hooks(indices)` is installed for the rows in the forward pass: the rows prefilled, then all
+    of them, then, each time finished rows are dropped from the batch (and the cache), the rows
+    still going. Rows with equal `prefill_keys` (same prompt, adapter and hook payload; e.g. the
+    samples of one call) are prefilled once and their cache is copied, since prefill is most of
+    the compute of short replies to long prompts."""
     tok = handle.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = _eos_ids(handle)
     dev = handle.device
-    input_ids, mask = pad_batch([r.prompt for r in rows], pad, side="left")  # [b, seq]
-    input_ids, mask = input_ids.to(dev), mask.to(dev)
-    # position ids count from each row's first real token (as transformers' generate does)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, seq]
     out_ids: list[list[int]] = [[] for _ in rows]
     live = [r.max_new_tokens > 0 for r in rows]
+    if not any(live):
+        return [Generation("", []) for _ in rows]
+    firsts, src = _distinct(prefill_keys) if prefill_keys is not None else (list(range(len(rows))), None)
+    input_ids, mask = pad_batch([rows[i].prompt for i in firsts], pad, side="left")  # [b', seq]
+    input_ids, mask = input_ids.to(dev), mask.to(dev)
+    # position ids count from each row's first real token (as transformers' generate does)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [b', seq]
     active, names = _adapter_args(adapter)
-    going = list(range(len(rows)))  # the rows in the forward pass, as indices into `rows`
-    with handle.use_adapter(active), contextlib.ExitStack() as installed:  # closed and refilled as rows leave
+    going = firsts  # the rows in the forward pass, as indices into `rows`
+    with handle.use_adapter(active), contextlib.ExitStack() as installed:  # closed and refilled as rows change
 
         def install(indices: list[int]) -> None:
             if hooks is not None:
                 installed.enter_context(hooks(indices))
 
-        install(going)
-        cache = None
-        step_ids, step_pos = input_ids, pos
-        while any(live):
+        def forward(ids: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
             args = {"adapter_names": [names[i] for i in going]} if names else {}
-            out = handle.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                               cache=cache, use_cache=True, logits_to_keep=1, **args)
-            cache = out.cache
-            logits = out.logits[:, -1, :]  # [b, vocab]
+            return handle.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                cache=cache, use_cache=True, logits_to_keep=1, **args)
+
+        install(going)
+        out = forward(input_ids, pos, None)
+        cache, logits = out.cache, out.logits[:, -1, :]  # [b', vocab]
+        step_pos = pos[:, -1:]  # [b', 1]
+        if len(firsts) < len(rows):
+            sel = torch.tensor(src, device=dev)  # every row takes its first row's cache and logits
+            cache.batch_select_indices(sel)
+            logits, mask, step_pos = logits[sel], mask[sel], step_pos[sel]
+            going = list(range(len(rows)))
+            installed.close()
+            install(going)
+        while True:
             nxt = []
             for j, i in enumerate(going):
                 row = rows[i]
@@ -182,7 +244,7 @@ def _decode_batch(handle: ModelHandle, rows: Sequence[GenRow], *, adapter: Adapt
             if not any(live):
                 break
             step_ids = torch.tensor(nxt, device=dev)[:, None]  # [b, 1]
-            step_pos = step_pos[:, -1:] + 1  # [b, 1]
+            step_pos = step_pos + 1  # [b, 1]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [b, seq + steps]
             keep = [j for j, i in enumerate(going) if live[i]]
             if len(going) - len(keep) >= max(1, len(going) // _DROP_SHARE):
@@ -194,6 +256,8 @@ def _decode_batch(handle: ModelHandle, rows: Sequence[GenRow], *, adapter: Adapt
                 going = [going[j] for j in keep]
                 installed.close()
                 install(going)
+            out = forward(step_ids, step_pos, cache)
+            cache, logits = out.cache, out.logits[:, -1, :]
     return [Generation(tok.decode(ids, skip_special_tokens=True), ids) for ids in out_ids]
 
 

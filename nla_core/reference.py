@@ -16,6 +16,7 @@ so the reference is matched to an audit: what differs is the organism. Two users
 from __future__ import annotations
 
 import json
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ REFERENCE_FILE = "reference_explanations.jsonl"
 # Per model (keyed on the transformers module, which survives PEFT wrapping) and layer, so a
 # benchmark builds the reference once per process, not once per audit.
 _CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict[Any, Any]] = weakref.WeakKeyDictionary()
+# Concurrent audits of one worker all ask for the reference at their first placebo call: one
+# computes it, the others wait for it instead of computing it again.
+_FILLING = threading.RLock()
 
 
 def everyday_prompts() -> list[str]:
@@ -52,6 +56,11 @@ def reference_conversations(handle: Any) -> list[list[dict[str, str]]]:
     """The base model's seeded replies to the everyday prompts, `REFERENCE_REPLIES` per prompt
     (prompt order, then sample order), as [user, assistant] conversations. Deterministic: each
     row samples from its own seeded generator, whatever it is batched with."""
+    with _FILLING:
+        return _reference_conversations(handle)
+
+
+def _reference_conversations(handle: Any) -> list[list[dict[str, str]]]:
     from .activations import encode
     from .generation import generate_ids
 
@@ -74,13 +83,14 @@ def reference_activations(handle: Any, layer: int) -> torch.Tensor:
     conversation (conversation order, then position order); N = prompts x replies x positions."""
     from .activations import read_activations
 
-    cache = _CACHE.setdefault(handle.hf_model, {})
-    if layer not in cache:
-        convs = reference_conversations(handle)
-        with torch.no_grad(), handle.use_adapter(None):
-            acts = read_activations(handle, convs, layer, positions=list(REPLY_POSITIONS))
-        cache[layer] = torch.cat(acts.vectors).float().cpu()
-    return cache[layer]
+    with _FILLING:
+        cache = _CACHE.setdefault(handle.hf_model, {})
+        if layer not in cache:
+            convs = reference_conversations(handle)
+            with torch.no_grad(), handle.use_adapter(None):
+                acts = read_activations(handle, convs, layer, positions=list(REPLY_POSITIONS))
+            cache[layer] = torch.cat(acts.vectors).float().cpu()
+        return cache[layer]
 
 
 def write_reference_explanations(nla: Any, folder: str | Path, *, seed: int = 0, max_new_tokens: int = 48) -> Path:

@@ -217,29 +217,27 @@ class GenerationEngine:
                 c.done.set()
 
 
-def _merged_row_hooks(batch: list[_Call]) -> Any:
-    """One hooks function for a batch of calls whose hooks are None or `RowHooks`: each kind of
-    `RowHooks` (by key) is entered once, with its calls' payloads on their rows and None on the
-    other rows (see `RowHooks`)."""
+def _merged_row_hooks(batch: list[_Call]) -> RowHooks | None:
+    """One `RowHooks` for a batch of calls whose hooks are None or `RowHooks`: each row's payload
+    is (its call's hooks key, its own payload), and each kind of hooks (by key) is entered once,
+    with its calls' payloads on their rows and None on the other rows (see `RowHooks`)."""
     kinds: dict[Any, Any] = {}
-    owner: list[Any] = []  # per row: the key of its call's hooks, or None
     for c in batch:
-        k = c.hooks.key if isinstance(c.hooks, RowHooks) else None
-        if k is not None:
-            kinds.setdefault(k, c.hooks.enter)
-        owner += [k] * len(c.rows)
+        if isinstance(c.hooks, RowHooks) and c.hooks.key is not None:  # key None: hooks that do nothing
+            kinds.setdefault(c.hooks.key, c.hooks.enter)
     if not kinds:
         return None
-    payloads = [r.payload for c in batch for r in c.rows]
+    pairs = [(c.hooks.key if isinstance(c.hooks, RowHooks) else None, r.payload) for c in batch for r in c.rows]
+    pairs = [(k, p) if k in kinds else (None, None) for k, p in pairs]
 
     @contextlib.contextmanager
-    def enter(indices: Sequence[int]) -> Iterator[None]:
+    def enter(rows: list[Any]) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             for k, fn in kinds.items():
-                stack.enter_context(fn([payloads[i] if owner[i] == k else None for i in indices]))
+                stack.enter_context(fn([p if owner == k else None for owner, p in rows]))
             yield
 
-    return enter
+    return RowHooks(("merged", tuple(kinds)), pairs, enter)
 
 
 def _with_payload(row: GenRow, payload: Any) -> GenRow:

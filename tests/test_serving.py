@@ -189,3 +189,32 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny
         alone = decode_rows(tiny, [r], batch_size=1, hooks=RowHooks("push", [r.payload], shifted))
         assert together[i].token_ids == alone[0].token_ids
     assert count_hooks(tiny.model) == 0
+
+
+def test_rows_with_the_same_prompt_and_payload_share_one_prefill(tiny):
+    """Samples of one prompt (same adapter, same hook payload) are prefilled once and their
+    cache copied; rows whose payloads differ are not merged. Each row gets what it gets alone."""
+    from nla_core.generation import GenRow, decode_rows, row_seed
+
+    ids = _prompts(tiny, TEXTS[:2])
+    push = torch.ones(tiny.d_model) * 0.5
+    seen: list[int] = []
+
+    def shifted(payloads):
+        seen.append(len(payloads))
+        return add_to_resid(tiny.layers, 1, torch.stack([push * p for p in payloads]))
+
+    plan = [(0, 1.0), (0, 1.0), (0, 1.0), (1, 1.0), (1, 2.0), (0, 2.0)]  # (prompt, push)
+
+    def rows():
+        return [GenRow(ids[p], 8, 1.0, 1.0, row_seed(9, i), payload=push_by) for i, (p, push_by) in enumerate(plan)]
+
+    batch = rows()
+    together = decode_rows(tiny, batch, batch_size=16, hooks=RowHooks("push", [r.payload for r in batch], shifted))
+    assert seen[:2] == [4, 6]  # 4 distinct (prompt, payload) rows prefilled, then all 6 decode
+    texts = [g.token_ids for g in together]
+    assert texts[0] != texts[1]  # samples of one prefill still draw their own tokens
+    for i, r in enumerate(rows()):
+        alone = decode_rows(tiny, [r], batch_size=1, hooks=RowHooks("push", [r.payload], shifted))
+        assert texts[i] == alone[0].token_ids
+    assert count_hooks(tiny.model) == 0
