@@ -9,6 +9,7 @@ became free, since a client may be busy elsewhere), then decodes the rows of cal
 can share a batch together: every call on the same model whose hooks are none or `RowHooks`
 (an organism's implant, the AV's injection), whatever LoRA adapter each uses (a PEFT mixed
 batch: each row goes through its own adapter). A call with an opaque hooks function runs alone.
+Rows with the same prompt, adapter and hook payload (a call's samples) are prefilled once.
 
 A row's tokens come from its own generator (see `nla_core.generation`), so a call's result does
 not depend on its batch-mates; only floating-point rounding differs between batch shapes, which

@@ -209,3 +209,35 @@ def test_reference_is_the_base_model_answering_the_everyday_prompts_at_the_audit
     want = plain.activations(convs[5], positions=list(REPLY_POSITIONS)).vectors[0]
     k = len(REPLY_POSITIONS)
     assert torch.allclose(ref[5 * k:6 * k], want, atol=1e-4)
+
+
+def test_concurrent_audits_compute_the_reference_once(monkeypatch):
+    """Concurrent audits all reach for the reference at their first placebo call: one thread
+    reads it, the others wait for that result."""
+    import threading
+
+    import nla_core.activations as activations
+    from nla_core.testing import tiny_handle
+
+    handle = tiny_handle("llama")  # a fresh model: nothing cached for it yet
+    reads = []
+    real = activations.read_activations
+
+    def counted(*args, **kwargs):
+        reads.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(activations, "read_activations", counted)
+    start = threading.Barrier(4)
+    got: list[torch.Tensor] = []
+
+    def audit():
+        start.wait()
+        got.append(reference_activations(handle, 2))
+
+    threads = [threading.Thread(target=audit) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(reads) == 1 and len(got) == 4 and all(g is got[0] for g in got)
