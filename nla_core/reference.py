@@ -56,26 +56,22 @@ def reference_conversations(handle: Any) -> list[list[dict[str, str]]]:
     """The base model's seeded replies to the everyday prompts, `REFERENCE_REPLIES` per prompt
     (prompt order, then sample order), as [user, assistant] conversations. Deterministic: each
     row samples from its own seeded generator, whatever it is batched with."""
-    with _FILLING:
-        return _reference_conversations(handle)
-
-
-def _reference_conversations(handle: Any) -> list[list[dict[str, str]]]:
     from .activations import encode
     from .generation import generate_ids
 
-    cache = _CACHE.setdefault(handle.hf_model, {})
-    if "conversations" not in cache:
-        prompts = everyday_prompts()
-        ids = [encode(handle, [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
-        rows = [r for r in ids for _ in range(REFERENCE_REPLIES)]
-        with torch.no_grad():
-            gens = generate_ids(handle, rows, max_new_tokens=REFERENCE_REPLY_TOKENS,
-                                temperature=REFERENCE_TEMPERATURE, seed=REFERENCE_SEED, adapter=None)
-        cache["conversations"] = [
-            [{"role": "user", "content": prompts[i // REFERENCE_REPLIES]},
-             {"role": "assistant", "content": g.text.strip() or "..."}] for i, g in enumerate(gens)]
-    return cache["conversations"]
+    with _FILLING:
+        cache = _CACHE.setdefault(handle.hf_model, {})
+        if "conversations" not in cache:
+            prompts = everyday_prompts()
+            ids = [encode(handle, [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+            rows = [r for r in ids for _ in range(REFERENCE_REPLIES)]
+            with torch.no_grad():
+                gens = generate_ids(handle, rows, max_new_tokens=REFERENCE_REPLY_TOKENS,
+                                    temperature=REFERENCE_TEMPERATURE, seed=REFERENCE_SEED, adapter=None)
+            cache["conversations"] = [
+                [{"role": "user", "content": prompts[i // REFERENCE_REPLIES]},
+                 {"role": "assistant", "content": g.text.strip() or "..."}] for i, g in enumerate(gens)]
+        return cache["conversations"]
 
 
 def reference_activations(handle: Any, layer: int) -> torch.Tensor:
