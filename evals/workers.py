@@ -150,9 +150,9 @@ class AuditWorker:
         st = self._engine.stats if self._engine is not None else None
         if not st or not st.calls:
             return None
-        return (f"generation engine: {st.calls} generate calls in {st.batches} batches "
-                f"({st.rows_per_batch:.1f} rows per batch, {st.tokens} tokens, {st.split} batches left calls "
-                f"waiting, {st.seconds:.0f} s decoding)")
+        return (f"generation engine: {st.calls} generate calls ({st.joined} joined a running batch, "
+                f"{st.alone} ran alone), {st.rows_per_step:.1f} rows per decode step, {st.tokens} tokens, "
+                f"{st.seconds:.0f} s decoding")
 
     def close(self) -> None:
         if self._engine is not None:

@@ -53,9 +53,20 @@ class ModelLock:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._depth = threading.local()
+        self._waiting = 0  # threads blocked in __enter__ (see `waiting`)
+        self._count = threading.Lock()
 
     def __enter__(self) -> ModelLock:
-        self._lock.acquire()
+        if self.held():
+            self._lock.acquire()
+        else:
+            with self._count:
+                self._waiting += 1
+            try:
+                self._lock.acquire()
+            finally:
+                with self._count:
+                    self._waiting -= 1
         self._depth.n = getattr(self._depth, "n", 0) + 1
         return self
 
@@ -66,6 +77,11 @@ class ModelLock:
     def held(self) -> bool:
         """Whether the calling thread holds the lock."""
         return getattr(self._depth, "n", 0) > 0
+
+    def waiting(self) -> int:
+        """How many threads wait for the lock. A holder that keeps it across many steps (the
+        generation engine's decode loop) lets them in between steps when this is not 0."""
+        return self._waiting
 
 
 _MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -77,9 +77,9 @@ def _engine_ratio(h, *, n_threads: int, new_tokens: int, printer: Callable[[str]
         for th in threads:
             th.join()
         batched = time.perf_counter() - t
-        rows = engine.stats.rows_per_batch
+        rows = engine.stats.rows_per_step
     printer(f"generation engine, {n_threads} threads x 3 calls of 4 rows x {new_tokens} tokens: one after another "
-            f"{alone:.1f} s, batched {batched:.1f} s ({rows:.0f} rows per batch) -> {alone / batched:.2f}x")
+            f"{alone:.1f} s, batched {batched:.1f} s ({rows:.0f} rows per step) -> {alone / batched:.2f}x")
     return {"engine_alone_s": alone, "engine_batched_s": batched, "engine_speedup": alone / batched}
 
 

@@ -3,13 +3,16 @@
 Several audits run at once in one process (threads), each making generate calls one at a time
 (chat, samples, prefills, steered replies, the NLA's verbalize). Alone, each call is a batch of
 one to a few rows, and on a CPU a batch of one uses a fraction of what a batch of 16 does per
-token. The engine gathers the pending calls of its client threads and runs them as one batch:
-it waits until every client thread is blocked in a generate call (or `max_wait_s` after it
-became free, since a client may be busy elsewhere), then decodes the rows of calls that
-can share a batch together: every call on the same model whose hooks are none or `RowHooks`
-(an organism's implant, the AV's injection), whatever LoRA adapter each uses (a PEFT mixed
-batch: each row goes through its own adapter). A call with an opaque hooks function runs alone.
-Rows with the same prompt, adapter and hook payload (a call's samples) are prefilled once.
+token. The engine keeps one batch generating (`nla_core.generation.DecodeBatch`) and lets calls
+join it between decode steps: a call's rows are prefilled and appended to the running batch, and
+each call is answered as soon as its own rows end, so its thread can make its next call while
+the others go on. Calls can share the batch when their hooks are none or `RowHooks` (an
+organism's implant, the AV's injection), whatever LoRA adapter each uses (a PEFT mixed batch:
+each row goes through its own adapter). A call with an opaque hooks function runs alone once the
+batch has drained. When the engine is idle, it waits until every client thread is blocked in a
+generate call (or `max_wait_s`), so a batch starts with all of them. Rows with the same prompt,
+adapter and hook payload (a call's samples) are prefilled once. Between steps the engine lets
+in any thread waiting for the model's lock (a forward pass outside the engine).
 
 A row's tokens come from its own generator (see `nla_core.generation`), so a call's result does
 not depend on its batch-mates; only floating-point rounding differs between batch shapes, which
@@ -32,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .generation import Generation, GenRow, RowHooks, decode_rows
+from .generation import DecodeBatch, Generation, GenRow, RowHooks, decode_rows, payload_identity
 from .models import ModelHandle
 
 __all__ = ["GenerationEngine", "EngineStats", "active_engine"]
@@ -52,7 +55,7 @@ def active_engine(handle: ModelHandle) -> GenerationEngine | None:
     return engine
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class _Call:
     handle: ModelHandle
     rows: list[GenRow]
@@ -63,20 +66,24 @@ class _Call:
     done: threading.Event = field(default_factory=threading.Event)
     result: list[Generation] | None = None
     error: BaseException | None = None
+    left: int = 0  # rows not yet finished
 
 
 @dataclass
 class EngineStats:
     calls: int = 0
-    batches: int = 0
+    batches: int = 0  # batches started (a batch runs while rows keep joining it)
+    joined: int = 0  # calls that joined a batch already generating
+    alone: int = 0  # calls that ran in a batch of their own (an opaque hooks function)
     rows: int = 0
     tokens: int = 0  # tokens the rows kept
-    split: int = 0  # batches that left calls pending (an opaque hooks function, or the row cap)
+    steps: int = 0  # decode steps
+    row_steps: int = 0  # rows generating, summed over steps
     seconds: float = 0.0  # time spent decoding
 
     @property
-    def rows_per_batch(self) -> float:
-        return self.rows / self.batches if self.batches else 0.0
+    def rows_per_step(self) -> float:
+        return self.row_steps / self.steps if self.steps else 0.0
 
 
 class GenerationEngine:
@@ -91,6 +98,7 @@ class GenerationEngine:
         self.stats = EngineStats()
         self._cv = threading.Condition()
         self._pending: list[_Call] = []
+        self._running: list[_Call] = []  # calls in the running batch (for the serving thread's last resort)
         self._clients = 0
         self._local = threading.local()
         self._closed = False
@@ -127,6 +135,8 @@ class GenerationEngine:
     def generate(self, handle: ModelHandle, rows: Sequence[GenRow], *, adapter: str | None = None,
                  hooks: Any = None) -> list[Generation]:
         """Queue one call's rows and wait for its generations (in row order)."""
+        if not rows:
+            return []
         if isinstance(hooks, RowHooks):
             rows = [_with_payload(r, hooks.payloads[i]) for i, r in enumerate(rows)]
         alone = hooks is not None and not isinstance(hooks, RowHooks)
@@ -159,16 +169,16 @@ class GenerationEngine:
 
     # ---- the serving thread -----------------------------------------------------------------
 
-    def _take_batch(self) -> list[_Call] | None:
-        """Wait for work, then take the oldest call and every pending call that can share its batch."""
+    def _wait_for_work(self) -> list[_Call] | None:
+        """Wait for calls while no batch runs; then the oldest and every pending call that can
+        share its batch (None once closed)."""
         with self._cv:
             while not self._pending and not self._closed:
                 self._cv.wait()
             if not self._pending:
                 return None
-            # Wait from when the engine is free, not from a call's arrival: calls that queued
-            # during the last batch would otherwise run at once, without the clients that
-            # batch just answered, and the clients stay split into two half batches.
+            # Wait from when the engine is free, not from a call's arrival, until every client
+            # has its call in: the first batch then starts with all of them.
             ready = time.monotonic()
             while not self._closed:
                 waited = time.monotonic() - ready
@@ -176,69 +186,159 @@ class GenerationEngine:
                     break
                 self._cv.wait(timeout=self.max_wait_s - waited)
             first = min(self._pending, key=lambda c: c.t)
-            batch: list[_Call] = []
-            n = 0
-            for c in sorted(self._pending, key=lambda c: c.t):
-                if c is first or (not first.alone and not c.alone and n + len(c.rows) <= self.max_batch_rows):
-                    batch.append(c)
-                    n += len(c.rows)
-            for c in batch:
-                self._pending.remove(c)
-            if self._pending:
-                self.stats.split += 1
-            return batch
+            return self._take(first, 0) if not first.alone else self._take_only(first)
+
+    def _joining(self, rows: int) -> list[_Call]:
+        """The pending calls that join a running batch of `rows` rows now."""
+        with self._cv:
+            return self._take(None, rows) if self._pending else []
+
+    def _take(self, first: _Call | None, rows: int) -> list[_Call]:
+        """Pending calls in order of arrival (`first` whatever its size), up to the first that
+        needs a batch of its own or would pass the row cap: that one waits for the running batch
+        to drain rather than be overtaken for ever."""
+        batch: list[_Call] = []
+        for c in sorted(self._pending, key=lambda c: c.t):
+            if c is not first and (c.alone or rows + len(c.rows) > self.max_batch_rows):
+                break
+            batch.append(c)
+            rows += len(c.rows)
+        for c in batch:
+            self._pending.remove(c)
+        return batch
+
+    def _take_only(self, call: _Call) -> list[_Call]:
+        self._pending.remove(call)
+        return [call]
 
     def _serve(self) -> None:
+        try:
+            self._serve_batches()
+        except BaseException as exc:  # a bug here must not leave callers waiting for ever
+            with self._cv:
+                self._closed = True
+                calls, self._pending = self._pending + self._running, []
+            for c in calls:
+                c.error = RuntimeError(f"The generation engine failed: {exc!r}")
+                c.done.set()
+            raise
+
+    def _serve_batches(self) -> None:
+        batch: DecodeBatch | None = None
+        owners: dict[int, tuple[_Call, int, Any]] = {}  # the running batch's row ids -> (call, its row, hooks key)
+        kinds: dict[Any, Any] = {}  # hooks key -> enter, for the kinds of `RowHooks` in the running batch
         while True:
-            batch = self._take_batch()
-            if batch is None:
-                return
-            rows = [r for c in batch for r in c.rows]
-            first = batch[0]
-            if first.alone:
-                hooks: Any = first.hooks
-                adapters: Any = first.adapter
-            else:
-                hooks, adapters = _merged_row_hooks(batch), [c.adapter for c in batch for _ in c.rows]
-            t0 = time.monotonic()
-            try:
-                gens = decode_rows(first.handle, rows, batch_size=self.max_batch_rows, adapter=adapters, hooks=hooks)
-                self.stats.seconds += time.monotonic() - t0
+            if batch is None or not len(batch):
+                if batch is not None:
+                    batch.release()
+                batch, owners, kinds = None, {}, {}
+                calls = self._wait_for_work()
+                if calls is None:
+                    return
+                if calls[0].alone:
+                    self._run_alone(calls[0])
+                    continue
+                handle = calls[0].handle
+                batch = DecodeBatch(handle, hooks=_row_hooks(owners, kinds))
                 self.stats.batches += 1
-                self.stats.calls += len(batch)
-                self.stats.rows += len(rows)
-                self.stats.tokens += sum(g.n_tokens for g in gens)
-                at = 0
-                for c in batch:
-                    c.result, at = gens[at:at + len(c.rows)], at + len(c.rows)
+            else:
+                calls = self._joining(len(batch)) if batch.joinable else []
+                self.stats.joined += len(calls)
+            self._running = list({o[0]: None for o in owners.values()}) + calls
+            t0 = time.monotonic()
+            admitting = True
+            try:
+                if calls:
+                    self._admit(batch, calls, owners, kinds)
+                admitting = False
+                if len(batch):
+                    self.stats.steps += 1
+                    self.stats.row_steps += len(batch)
+                    ended = batch.step()
+                    self._deliver(batch, ended, owners)
             except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
-                for c in batch:
+                # a failed admission loses only its own calls; a failed step the whole batch
+                lost = set(calls) if admitting else {o[0] for o in owners.values()}
+                for c in lost:
                     c.error = exc
-            for c in batch:
+                    c.done.set()
+                for i in [i for i, o in owners.items() if o[0] in lost]:
+                    del owners[i]  # in place: the batch's hooks function reads this dict
+            finally:
+                self.stats.seconds += time.monotonic() - t0
+            if batch.handle.lock.waiting():
+                # another thread waits for the model (a forward pass outside the engine): let it in
+                batch.release()
+                while batch.handle.lock.waiting():
+                    time.sleep(0.001)
+
+    def _admit(self, batch: DecodeBatch, calls: list[_Call], owners: dict, kinds: dict) -> None:
+        rows, adapters, keys, added = [], [], [], []
+        for c in calls:
+            key = c.hooks.key if isinstance(c.hooks, RowHooks) and c.hooks.key is not None else None
+            if key is not None:
+                kinds.setdefault(key, c.hooks.enter)
+            c.left = len(c.rows)
+            c.result = [Generation("", []) for _ in c.rows]
+            for k, r in enumerate(c.rows):
+                rows.append(r)
+                adapters.append(c.adapter)
+                keys.append((tuple(r.prompt), c.adapter, payload_identity((key, r.payload))))
+                added.append((c, k, key))
+        self.stats.calls += len(calls)
+        self.stats.rows += len(rows)
+        first = batch.next_id  # the hooks of the prefill look the new rows up
+        for j, (c, k, key) in enumerate(added):
+            owners[first + j] = (c, k, key)
+        ids = batch.admit(rows, adapter=adapters, keys=keys)
+        assert ids == list(range(first, first + len(rows)))
+        self._deliver(batch, [i for i in ids if i in batch.done], owners)
+
+    def _deliver(self, batch: DecodeBatch, ended: list[int], owners: dict) -> None:
+        for i in ended:
+            c, k, _ = owners.pop(i)
+            gen = batch.done.pop(i)
+            assert c.result is not None
+            c.result[k] = gen
+            self.stats.tokens += gen.n_tokens
+            c.left -= 1
+            if not c.left:
                 c.done.set()
 
+    def _run_alone(self, call: _Call) -> None:
+        self.stats.calls += 1
+        self.stats.alone += 1
+        self.stats.batches += 1
+        self.stats.rows += len(call.rows)
+        t0 = time.monotonic()
+        try:
+            call.result = decode_rows(call.handle, call.rows, batch_size=self.max_batch_rows, adapter=call.adapter,
+                                      hooks=call.hooks)
+            self.stats.tokens += sum(g.n_tokens for g in call.result)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            call.error = exc
+        self.stats.seconds += time.monotonic() - t0
+        call.done.set()
 
-def _merged_row_hooks(batch: list[_Call]) -> RowHooks | None:
-    """One `RowHooks` for a batch of calls whose hooks are None or `RowHooks`: each row's payload
-    is (its call's hooks key, its own payload), and each kind of hooks (by key) is entered once,
-    with its calls' payloads on their rows and None on the other rows (see `RowHooks`)."""
-    kinds: dict[Any, Any] = {}
-    for c in batch:
-        if isinstance(c.hooks, RowHooks) and c.hooks.key is not None:  # key None: hooks that do nothing
-            kinds.setdefault(c.hooks.key, c.hooks.enter)
-    if not kinds:
-        return None
-    pairs = [(c.hooks.key if isinstance(c.hooks, RowHooks) else None, r.payload) for c in batch for r in c.rows]
-    pairs = [(k, p) if k in kinds else (None, None) for k, p in pairs]
+
+def _row_hooks(owners: dict, kinds: dict):
+    """The hooks function of a running batch: for the rows of a forward pass (ids), each kind of
+    `RowHooks` in the batch is entered once, with its calls' payloads on their rows and None on
+    the others (see `RowHooks`)."""
 
     @contextlib.contextmanager
-    def enter(rows: list[Any]) -> Iterator[None]:
+    def enter(row_ids: Sequence[int]) -> Iterator[None]:
+        # a row that has ended (answered, so no longer in `owners`) rides along until the batch
+        # drops it: payload None, like another kind's row
+        rows = [owners.get(i) for i in row_ids]
         with contextlib.ExitStack() as stack:
-            for k, fn in kinds.items():
-                stack.enter_context(fn([p if owner == k else None for owner, p in rows]))
+            for key, fn in kinds.items():
+                if any(o is not None and o[2] == key for o in rows):
+                    stack.enter_context(fn([o[0].rows[o[1]].payload if o is not None and o[2] == key else None
+                                            for o in rows]))
             yield
 
-    return RowHooks(("merged", tuple(kinds)), pairs, enter)
+    return enter
 
 
 def _with_payload(row: GenRow, payload: Any) -> GenRow:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -177,7 +178,8 @@ def test_concurrent_audits_batched_do_what_they_do_one_at_a_time(model, tmp_path
     batched = run_bench(suite, db_path=tmp_path / "three.duckdb", handle=handle, nla=nla, judge=KeywordJudge(),
                         run_id="three", concurrency=3, on_progress=lambda ev, info: notes.append(info.get("message", "")))
     engine = [n for n in notes if n.startswith("generation engine")]
-    assert engine and float(engine[0].split("(")[1].split()[0]) > 1.0, notes  # calls really shared batches
+    shared = [re.search(r"([\d.]+) rows per decode step", n) for n in engine]
+    assert shared and shared[0] and float(shared[0].group(1)) > 1.0, notes  # calls really shared batches
     a, b = _audit_trace(one.rows), _audit_trace(batched.rows)
     assert len(a) == 6 and a.keys() == b.keys()
     assert sum(len(calls) for _, _, calls in a.values()) >= 12  # the audits really called tools

@@ -20,4 +20,4 @@ def test_engine_ratio_compares_one_after_another_with_batched(tiny):
     lines: list[str] = []
     out = _engine_ratio(tiny, n_threads=2, new_tokens=3, printer=lines.append)
     assert out["engine_speedup"] == out["engine_alone_s"] / out["engine_batched_s"] > 0
-    assert "rows per batch" in lines[0]
+    assert "rows per step" in lines[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -129,10 +130,19 @@ def test_an_error_reaches_every_caller_and_the_engine_goes_on(tiny):
     def broken(payloads):
         raise RuntimeError("hook failed")
 
+    def broken_when_decoding(payloads):  # fine for the prefill (one row), fails for the two rows decoding
+        if len(payloads) > 1:
+            raise RuntimeError("hook failed while decoding")
+        return contextlib.nullcontext()
+
     with GenerationEngine(tiny) as engine, engine.client():
-        with pytest.raises(RuntimeError, match="hook failed"):
+        with pytest.raises(RuntimeError, match="hook failed"):  # while joining: the call's prefill
             generate_ids(tiny, ids[:1], max_new_tokens=4, hooks=RowHooks("bad", [0], broken))
         assert generate_ids(tiny, ids[1:], max_new_tokens=4)[0].n_tokens <= 4
+        with pytest.raises(RuntimeError, match="while decoding"):  # in a decode step: the batch is lost
+            generate_ids(tiny, ids[:1] * 2, max_new_tokens=4, hooks=RowHooks("bad", [0, 0], broken_when_decoding))
+        assert generate_ids(tiny, ids[1:], max_new_tokens=4)[0].n_tokens <= 4
+    assert count_hooks(tiny.model) == 0
 
 
 def test_one_engine_per_model(tiny):
@@ -160,7 +170,7 @@ def test_steered_generation_shares_a_batch_and_matches_alone(tiny):
     assert alone[0][0] != alone[0][1]  # the steering changes the text
     got, stats = _in_clients(tiny, [steer, other])
     assert got == alone
-    assert stats.split == 0  # nothing had to wait for a batch of its own
+    assert stats.alone == 0  # nothing had to wait for a batch of its own
     assert count_hooks(tiny.model) == 0
 
 
@@ -218,3 +228,118 @@ def test_rows_with_the_same_prompt_and_payload_share_one_prefill(tiny):
         alone = decode_rows(tiny, [r], batch_size=1, hooks=RowHooks("push", [r.payload], shifted))
         assert texts[i] == alone[0].token_ids
     assert count_hooks(tiny.model) == 0
+
+
+def _when(engine, steps: int, timeout: float = 60.0) -> None:
+    """Block until the engine has run `steps` decode steps (the running batch is under way)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while engine.stats.steps < steps:
+        assert time.monotonic() < end, f"the engine stopped after {engine.stats.steps} steps"
+        time.sleep(0.002)
+
+
+def test_calls_join_a_running_batch_and_get_what_they_get_alone(tiny):
+    """A long call starts a batch; two calls made while it generates (one after the other, with
+    a longer prompt, another hook payload, greedy and sampled) join it between steps, are
+    answered when their own rows end, and every call gets its unbatched tokens."""
+    ids = _prompts(tiny, TEXTS)
+    push = torch.ones(tiny.d_model) * 0.5
+
+    def shifted(payloads):
+        return add_to_resid(tiny.layers, 1, torch.stack([push * (p or 0.0) for p in payloads]))
+
+    long_call = dict(prompts=[ids[4]] * 3, max_new_tokens=40, temperature=0.9, seed=1,
+                     hooks=RowHooks("push", [1.0, 1.0, 2.0], shifted))
+    short = [dict(prompts=[ids[2], ids[3]], max_new_tokens=6, hooks=RowHooks("push", [3.0, 0.5], shifted)),
+             dict(prompts=[ids[5]], max_new_tokens=5, temperature=1.1, seed=7)]
+    expected = [_tokens(tiny, long_call)(), [_tokens(tiny, c)() for c in short]]
+    with GenerationEngine(tiny, max_wait_s=0.0) as engine:
+        got: dict[int, object] = {}
+
+        def first() -> None:
+            with engine.client():
+                got[0] = _tokens(tiny, long_call)()
+
+        def later() -> None:
+            with engine.client():
+                _when(engine, 3)
+                got[1] = [_tokens(tiny, c)() for c in short]
+                got[2] = engine.stats.batches, engine.stats.steps
+
+        threads = [threading.Thread(target=f) for f in (first, later)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [got[0], got[1]] == expected
+    assert engine.stats.batches == 1 and engine.stats.joined == 2
+    assert got[2][1] < engine.stats.steps  # both short calls were answered while the long one went on
+    assert count_hooks(tiny.model) == 0
+
+
+def test_a_thread_waiting_for_the_model_gets_it_between_steps(tiny):
+    """A forward pass outside the engine (it takes the model's lock) does not wait for a long
+    running batch to end: the engine lets it in between two steps."""
+    ids = _prompts(tiny, TEXTS[:1])
+    with GenerationEngine(tiny, max_wait_s=0.0) as engine:
+        seen: list[int] = []
+
+        def pushed(payloads):
+            return add_to_resid(tiny.layers, 1, torch.ones(tiny.d_model) * 0.1)
+
+        def generating() -> None:
+            with engine.client():
+                generate_ids(tiny, ids * 2, max_new_tokens=40, hooks=RowHooks("push", [1, 1], pushed))
+
+        def outside() -> None:
+            _when(engine, 2)
+            with tiny.lock:
+                assert count_hooks(tiny.model) == 0  # the batch's hooks are not left on the model
+                seen.append(engine.stats.steps)
+
+        threads = [threading.Thread(target=f) for f in (generating, outside)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert seen and seen[0] < engine.stats.steps
+
+
+def test_a_call_joins_while_ended_rows_still_ride_along(tiny):
+    """In a batch of 17 rows one row ends; it stays in the forward pass (dropping pays off only
+    for a larger share) while another call joins and the row hooks are entered again for every
+    row: the ended row is left alone and the joining call gets what it gets alone."""
+    ids = _prompts(tiny, TEXTS)
+    push = torch.ones(tiny.d_model) * 0.5
+
+    def shifted(payloads):
+        return add_to_resid(tiny.layers, 1, torch.stack([push * (p or 0.0) for p in payloads]))
+
+    many = dict(prompts=[ids[0]] * 16, max_new_tokens=30, temperature=0.9, seed=2,
+                hooks=RowHooks("push", [1.0] * 16, shifted))
+    brief = dict(prompts=[ids[1]], max_new_tokens=2, hooks=RowHooks("push", [2.0], shifted))
+    joining = dict(prompts=[ids[2]], max_new_tokens=5, hooks=RowHooks("push", [3.0], shifted))
+    expected = [_tokens(tiny, c)() for c in (many, brief, joining)]
+
+    def late() -> object:
+        return _when(engine, 5) or _tokens(tiny, joining)()
+
+    with GenerationEngine(tiny, max_wait_s=1.0) as engine:
+        got: dict[int, object] = {}
+        barrier = threading.Barrier(3)
+
+        def run(i: int, fn) -> None:
+            with engine.client():
+                barrier.wait()
+                got[i] = fn()
+
+        fns = [_tokens(tiny, many), _tokens(tiny, brief), late]
+        threads = [threading.Thread(target=run, args=(i, f)) for i, f in enumerate(fns)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert [got[0], got[1], got[2]] == expected
+    assert engine.stats.batches == 1 and engine.stats.joined == 1
