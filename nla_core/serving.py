@@ -98,7 +98,7 @@ class GenerationEngine:
         self.stats = EngineStats()
         self._cv = threading.Condition()
         self._pending: list[_Call] = []
-        self._running: list[_Call] = []  # calls in the running batch (for the serving thread's last resort)
+        self._owners: dict[int, tuple[_Call, int, Any]] = {}  # the running batch's row ids -> (call, its row, hooks key)
         self._clients = 0
         self._local = threading.local()
         self._closed = False
@@ -186,7 +186,7 @@ class GenerationEngine:
                     break
                 self._cv.wait(timeout=self.max_wait_s - waited)
             first = min(self._pending, key=lambda c: c.t)
-            return self._take(first, 0) if not first.alone else self._take_only(first)
+            return self._take(first, 0)
 
     def _joining(self, rows: int) -> list[_Call]:
         """The pending calls that join a running batch of `rows` rows now."""
@@ -194,12 +194,12 @@ class GenerationEngine:
             return self._take(None, rows) if self._pending else []
 
     def _take(self, first: _Call | None, rows: int) -> list[_Call]:
-        """Pending calls in order of arrival (`first` whatever its size), up to the first that
-        needs a batch of its own or would pass the row cap: that one waits for the running batch
-        to drain rather than be overtaken for ever."""
+        """Pending calls in order of arrival (`first` whatever its size, and alone if it needs a
+        batch of its own), up to the first that needs a batch of its own or would pass the row
+        cap: that one waits for the running batch to drain rather than be overtaken for ever."""
         batch: list[_Call] = []
         for c in sorted(self._pending, key=lambda c: c.t):
-            if c is not first and (c.alone or rows + len(c.rows) > self.max_batch_rows):
+            if c is not first and ((batch and batch[0].alone) or c.alone or rows + len(c.rows) > self.max_batch_rows):
                 break
             batch.append(c)
             rows += len(c.rows)
@@ -207,17 +207,14 @@ class GenerationEngine:
             self._pending.remove(c)
         return batch
 
-    def _take_only(self, call: _Call) -> list[_Call]:
-        self._pending.remove(call)
-        return [call]
-
     def _serve(self) -> None:
         try:
             self._serve_batches()
         except BaseException as exc:  # a bug here must not leave callers waiting for ever
             with self._cv:
                 self._closed = True
-                calls, self._pending = self._pending + self._running, []
+                running = list({o[0]: None for o in self._owners.values()})
+                calls, self._pending = self._pending + running, []
             for c in calls:
                 c.error = RuntimeError(f"The generation engine failed: {exc!r}")
                 c.done.set()
@@ -225,26 +222,25 @@ class GenerationEngine:
 
     def _serve_batches(self) -> None:
         batch: DecodeBatch | None = None
-        owners: dict[int, tuple[_Call, int, Any]] = {}  # the running batch's row ids -> (call, its row, hooks key)
+        owners = self._owners
         kinds: dict[Any, Any] = {}  # hooks key -> enter, for the kinds of `RowHooks` in the running batch
         while True:
             if batch is None or not len(batch):
                 if batch is not None:
                     batch.release()
-                batch, owners, kinds = None, {}, {}
+                batch, kinds = None, {}
+                owners.clear()
                 calls = self._wait_for_work()
                 if calls is None:
                     return
                 if calls[0].alone:
                     self._run_alone(calls[0])
                     continue
-                handle = calls[0].handle
-                batch = DecodeBatch(handle, hooks=_row_hooks(owners, kinds))
+                batch = DecodeBatch(calls[0].handle, hooks=_row_hooks(owners, kinds))
                 self.stats.batches += 1
             else:
                 calls = self._joining(len(batch)) if batch.joinable else []
                 self.stats.joined += len(calls)
-            self._running = list({o[0]: None for o in owners.values()}) + calls
             t0 = time.monotonic()
             admitting = True
             try:
@@ -273,7 +269,8 @@ class GenerationEngine:
                     time.sleep(0.001)
 
     def _admit(self, batch: DecodeBatch, calls: list[_Call], owners: dict, kinds: dict) -> None:
-        rows, adapters, keys, added = [], [], [], []
+        rows, adapters, keys = [], [], []
+        first = batch.next_id  # the hooks of the prefill look the new rows up
         for c in calls:
             key = c.hooks.key if isinstance(c.hooks, RowHooks) and c.hooks.key is not None else None
             if key is not None:
@@ -284,12 +281,9 @@ class GenerationEngine:
                 rows.append(r)
                 adapters.append(c.adapter)
                 keys.append((tuple(r.prompt), c.adapter, payload_identity((key, r.payload))))
-                added.append((c, k, key))
+                owners[first + len(rows) - 1] = (c, k, key)
         self.stats.calls += len(calls)
         self.stats.rows += len(rows)
-        first = batch.next_id  # the hooks of the prefill look the new rows up
-        for j, (c, k, key) in enumerate(added):
-            owners[first + j] = (c, k, key)
         ids = batch.admit(rows, adapter=adapters, keys=keys)
         assert ids == list(range(first, first + len(rows)))
         self._deliver(batch, [i for i in ids if i in batch.done], owners)
