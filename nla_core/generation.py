@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicLayer
 
 from .activations import pad_batch
+from .errors import NLAError
 from .models import ModelHandle
 
 __all__ = ["DecodeBatch", "Generation", "GenRow", "RowHooks", "generate_ids", "decode_rows", "row_seed"]
@@ -124,7 +125,7 @@ def decode_rows(handle: ModelHandle, rows: Sequence[GenRow], *, batch_size: int,
     indices into `rows` of each forward pass. `adapter` is one LoRA adapter for every row, or one
     per row (None: adapters off), which the rows of one forward pass may mix. With no hooks or
     `RowHooks`, rows with the same prompt, adapter and payload share one prefill."""
-    per_row = [adapter] * len(rows) if adapter is None or isinstance(adapter, str) else list(adapter)
+    per_row = adapters_per_row(adapter, len(rows))
     keys = None
     if hooks is None or isinstance(hooks, RowHooks):
         keys = [(tuple(r.prompt), per_row[i], payload_identity(hooks.payloads[i]) if hooks is not None else None)
@@ -144,6 +145,16 @@ def decode_rows(handle: ModelHandle, rows: Sequence[GenRow], *, batch_size: int,
             batch.release()
         out += [batch.done[j] for j in range(len(idx))]
     return out
+
+
+def adapters_per_row(adapter: Adapters, n: int) -> list[str | None]:
+    """`adapter` (one name for every row, None for adapters off, or one per row) as one per row."""
+    if adapter is None or isinstance(adapter, str):
+        return [adapter] * n
+    per_row = list(adapter)
+    if len(per_row) != n:
+        raise NLAError(f"{len(per_row)} adapters for {n} rows.", "give one adapter for all rows, or one per row.")
+    return per_row
 
 
 def payload_identity(payload: Any) -> Hashable:
@@ -240,7 +251,7 @@ class DecodeBatch:
         their cache copied. If the prefill fails, the rows already here are untouched."""
         if self._cache is not None and not self.joinable:
             raise RuntimeError("This batch's cache cannot take new rows; wait until it is done.")
-        per_row = [adapter] * len(rows) if adapter is None or isinstance(adapter, str) else list(adapter)
+        per_row = adapters_per_row(adapter, len(rows))
         ids = list(range(self._next_id, self._next_id + len(rows)))
         self._next_id += len(rows)
         start, start_keys = [], []

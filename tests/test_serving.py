@@ -343,3 +343,13 @@ def test_a_call_joins_while_ended_rows_still_ride_along(tiny):
             t.join()
     assert [got[0], got[1], got[2]] == expected
     assert engine.stats.batches == 1 and engine.stats.joined == 1
+
+
+def test_a_wrong_number_of_per_row_adapters_is_a_clear_error(tiny):
+    from nla_core.errors import NLAError
+    from nla_core.generation import GenRow, decode_rows
+
+    rows = [GenRow(prompt=p, max_new_tokens=3, temperature=0.0, top_p=1.0, seed=0) for p in _prompts(tiny, TEXTS[:3])]
+    with pytest.raises(NLAError, match="2 adapters for 3 rows"):
+        decode_rows(tiny, rows, batch_size=4, adapter=[None, None])
+    assert count_hooks(tiny.model) == 0
