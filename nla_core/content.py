@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -38,16 +39,26 @@ import torch
 
 from .metrics import mean_baseline, normalize, normalized_mse
 
-__all__ = ["TAIL_TOKENS", "stems", "names_topic", "topic_recall", "placebo_terms", "distinct_rate", "centred_fve",
+__all__ = ["TAIL_TOKENS", "stem", "stems", "names_topic", "topic_recall", "placebo_terms", "distinct_rate", "centred_fve",
            "topic_probe", "topic_word_embeddings", "strip_tail_words", "topic_retrieval", "surprising_terms"]
 
 TAIL_TOKENS = 8
 _WORD = re.compile(r"[A-Za-z]+")
-_STEMMER = snowballstemmer.stemmer("english")
+# A snowball stemmer keeps its cursor in the object, so threads that share one corrupt each
+# other's stems (audits call `themes` from several threads at once): one stemmer per thread.
+_STEMMERS = threading.local()
+
+
+def stem(word: str) -> str:
+    """The English snowball stem of `word` (lower-cased)."""
+    stemmer = getattr(_STEMMERS, "english", None)
+    if stemmer is None:
+        stemmer = _STEMMERS.english = snowballstemmer.stemmer("english")
+    return stemmer.stemWord(word.lower())
 
 
 def stems(text: str) -> set[str]:
-    return set(_STEMMER.stemWords([w.lower() for w in _WORD.findall(text)]))
+    return {stem(w) for w in _WORD.findall(text)}
 
 
 def _match(a: str, b: str) -> bool:
@@ -63,7 +74,7 @@ def names_topic(explanation: str, terms: Sequence[str], tail: str = "") -> bool:
     said = stems(explanation)
     recent = stems(tail)
     for term in terms:
-        t = _STEMMER.stemWord(term.lower())
+        t = stem(term)
         if any(_match(t, r) for r in recent):
             continue
         if any(_match(t, s) for s in said):
@@ -184,7 +195,7 @@ def surprising_terms(explanations: Sequence[str], reference: Sequence[str], *, k
     surface: dict[str, Counter[str]] = defaultdict(Counter)
     for t in explanations:
         for w in _WORD.findall(t):
-            st = _STEMMER.stemWord(w.lower())
+            st = stem(w)
             if st in counts:
                 surface[st][w.lower()] += 1
     out: list[dict[str, Any]] = []

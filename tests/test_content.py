@@ -244,6 +244,40 @@ def test_surprising_terms_rank_what_the_reference_rarely_says():
     assert surprising_terms(reference[:8], reference) == []
 
 
+def test_stems_are_right_when_threads_stem_at_once():
+    # Audits call `themes` from several threads; one shared snowball stemmer corrupted stems
+    # and raised IndexError (seen in a benchmark run).
+    import sys
+    import threading
+
+    from nla_core.content import stems
+
+    text = "relaxation memorable vacationing generously organisations happily running " * 20
+    want = stems(text)
+    failures: list[object] = []
+
+    def work():
+        for _ in range(100):
+            try:
+                if stems(text) != want:
+                    failures.append("wrong stems")
+            except Exception as e:  # noqa: BLE001  # the failure the test exists to catch
+                failures.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so a shared stemmer would be hit mid-word
+    try:
+        threads = [threading.Thread(target=work) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert want == {"relax", "memor", "vacat", "generous", "organis", "happili", "run"}
+    assert failures == []
+
+
 def test_probe_layers_reports_every_other_block(tiny, monkeypatch):
     from nla_core.training.layer_probe import probe_layers
 
