@@ -184,7 +184,7 @@ def surprising_terms(explanations: Sequence[str], reference: Sequence[str], *, k
     explanations of the base model's replies to everyday prompts): the log-odds ratio of each word stem's
     per-explanation presence, both rates smoothed by `prior`, divided by its standard error (a
     z-score). Returns up to `k` stems with z >= `min_z` seen in >= `min_count` explanations,
-    most surprising first, each with the commonest surface word, its count and z."""
+    most surprising first (ties in stem order), each with the commonest surface word, its count and z."""
     def presence(texts: Sequence[str]) -> Counter[str]:
         return Counter(w for t in texts for w in stems(t) if len(w) >= 3 and w not in _STOP)
 
@@ -211,5 +211,5 @@ def surprising_terms(explanations: Sequence[str], reference: Sequence[str], *, k
         if z >= min_z:
             word = surface[w].most_common(1)[0][0] if surface[w] else w
             out.append({"term": word, "stem": w, "count": y, "share": y / n_y, "reference_share": r / n_r, "z": z})
-    out.sort(key=lambda d: -d["z"])
+    out.sort(key=lambda d: (-d["z"], d["stem"]))  # ties by stem: the same list in every process
     return out[:k]

@@ -242,6 +242,11 @@ def test_surprising_terms_rank_what_the_reference_rarely_says():
     assert surprising_terms([], reference) == []
     # nothing is surprising about the reference itself
     assert surprising_terms(reference[:8], reference) == []
+    # equal z-scores come in stem order, whatever the order of the words (set order varies by process)
+    tied = surprising_terms(["zebra yak", "yak zebra", "apple"], reference)
+    assert [t["term"] for t in tied] == ["yak", "zebra"]
+    assert surprising_terms(["yak zebra", "zebra yak"], reference) == surprising_terms(["zebra yak", "yak zebra"],
+                                                                                         reference)
 
 
 def test_stems_are_right_when_threads_stem_at_once():
