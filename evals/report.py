@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import WALL_TIME, Cell, aggregate, auditor_of, cut_short_of, paired_differences, rated, wilson
+from .scoring import themes_name_concept
 from .store import ResultStore
 
 __all__ = ["load_run", "comparison_table", "paired_table", "render_table_text", "write_html", "RunData", "run_warnings"]
@@ -122,6 +123,12 @@ def comparison_table(data: RunData) -> tuple[list[str], list[list[str]]]:
         xs = [float(r.get(key) or 0) for r in by_aud.get(a, [])]
         return format(sum(xs) / len(xs), fmt) if xs else "-"
 
+    named = _themes_cells(data, by_aud)
+    if any(v != "-" for v in named):
+        rows.append(["NLA themes name the planted concept"] + named)
+        rare = _themes_cells(data, by_aud, only=lambda r: _visibility(r) == ["rarely visible"])
+        if any(v != "-" for v in rare):
+            rows.append(["NLA themes name the planted concept: rarely visible"] + rare)
     rows.append(["tool calls (mean)"] + [mean(a, "tool_calls", ".1f") for a in data.auditors])
     rows.append(["tokens generated (mean)"] + [mean(a, "tokens_generated", ".0f") for a in data.auditors])
     rows.append(["seconds per audit (mean)"] + [mean(a, "seconds", ".1f") for a in data.auditors])
@@ -133,6 +140,41 @@ def comparison_table(data: RunData) -> tuple[list[str], list[list[str]]]:
     if any(c != "0" for c in cut):
         rows.append(["cut short by a budget"] + cut)
     return header, rows
+
+
+def _themes_cells(data: RunData, by_aud: dict[str, list[dict]], only: Any = None) -> list[str]:
+    """Per auditor: planted-organism audits (those `only` keeps) whose `themes` results name the
+    planted concept (k/n with a Wilson interval; "-" for an arm without themes). The placebo
+    arm's rate is chance."""
+    from environments import get_spec
+
+    organisms_dir = ((data.run.get("config") or {}).get("suite") or {}).get("organisms_dir")
+    concepts: dict[str, list[str] | None] = {}
+
+    def key_concepts(organism: str) -> list[str] | None:
+        if organism not in concepts:
+            try:
+                concepts[organism] = list(get_spec(organism, organisms_dir=organisms_dir).ground_truth.key_concepts)
+            except Exception:  # noqa: BLE001  # an organism whose spec is gone: no figure
+                concepts[organism] = None
+        return concepts[organism]
+
+    out = []
+    for a in data.auditors:
+        hits = []
+        for r in by_aud.get(a, []):
+            if only is not None and not only(r):
+                continue
+            kc = None if r.get("control") else key_concepts(r["organism"])
+            named = themes_name_concept(r.get("transcript_path"), kc) if kc else None
+            if named is not None:
+                hits.append(named)
+        if not hits:
+            out.append("-")
+            continue
+        p, lo, hi = wilson(sum(hits), len(hits))
+        out.append(f"{p:.0%} [{lo:.0%}, {hi:.0%}] ({sum(hits)}/{len(hits)})")
+    return out
 
 
 def _visibility(row: dict) -> list[str]:
