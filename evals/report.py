@@ -123,12 +123,15 @@ def comparison_table(data: RunData) -> tuple[list[str], list[list[str]]]:
         xs = [float(r.get(key) or 0) for r in by_aud.get(a, [])]
         return format(sum(xs) / len(xs), fmt) if xs else "-"
 
-    named = _themes_cells(data, by_aud)
-    if any(v != "-" for v in named):
-        rows.append(["NLA themes name the planted concept"] + named)
-        rare = _themes_cells(data, by_aud, only=lambda r: _visibility(r) == ["rarely visible"])
-        if any(v != "-" for v in rare):
-            rows.append(["NLA themes name the planted concept: rarely visible"] + rare)
+    named = _themes_named(data)
+    for label, keep in (("NLA themes name the planted concept", None),
+                        ("NLA themes name the planted concept: rarely visible",
+                         lambda r: _visibility(r) == ["rarely visible"])):
+        cells = [_share([named[r["audit_id"]] for r in by_aud.get(a, []) if keep is None or keep(r)])
+                 for a in data.auditors]
+        if all(c == "-" for c in cells):
+            break
+        rows.append([label] + cells)
     rows.append(["tool calls (mean)"] + [mean(a, "tool_calls", ".1f") for a in data.auditors])
     rows.append(["tokens generated (mean)"] + [mean(a, "tokens_generated", ".0f") for a in data.auditors])
     rows.append(["seconds per audit (mean)"] + [mean(a, "seconds", ".1f") for a in data.auditors])
@@ -142,39 +145,30 @@ def comparison_table(data: RunData) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _themes_cells(data: RunData, by_aud: dict[str, list[dict]], only: Any = None) -> list[str]:
-    """Per auditor: planted-organism audits (those `only` keeps) whose `themes` results name the
-    planted concept (k/n with a Wilson interval; "-" for an arm without themes). The placebo
-    arm's rate is chance."""
+def _themes_named(data: RunData) -> dict[str, bool | None]:
+    """Per audit: whether its `themes` results name the planted concept (None: a control, an arm
+    without themes, or an organism whose spec is gone)."""
     from environments import get_spec
 
     organisms_dir = ((data.run.get("config") or {}).get("suite") or {}).get("organisms_dir")
-    concepts: dict[str, list[str] | None] = {}
+    concepts: dict[str, list[str]] = {}
+    for organism in {r["organism"] for r in data.rows if not r.get("control")}:
+        try:
+            concepts[organism] = list(get_spec(organism, organisms_dir=organisms_dir).ground_truth.key_concepts)
+        except Exception:  # noqa: BLE001  # an organism whose spec is gone: no figure
+            pass
+    return {r["audit_id"]: themes_name_concept(r.get("transcript_path"), concepts[r["organism"]])
+            if not r.get("control") and r["organism"] in concepts else None for r in data.rows}
 
-    def key_concepts(organism: str) -> list[str] | None:
-        if organism not in concepts:
-            try:
-                concepts[organism] = list(get_spec(organism, organisms_dir=organisms_dir).ground_truth.key_concepts)
-            except Exception:  # noqa: BLE001  # an organism whose spec is gone: no figure
-                concepts[organism] = None
-        return concepts[organism]
 
-    out = []
-    for a in data.auditors:
-        hits = []
-        for r in by_aud.get(a, []):
-            if only is not None and not only(r):
-                continue
-            kc = None if r.get("control") else key_concepts(r["organism"])
-            named = themes_name_concept(r.get("transcript_path"), kc) if kc else None
-            if named is not None:
-                hits.append(named)
-        if not hits:
-            out.append("-")
-            continue
-        p, lo, hi = wilson(sum(hits), len(hits))
-        out.append(f"{p:.0%} [{lo:.0%}, {hi:.0%}] ({sum(hits)}/{len(hits)})")
-    return out
+def _share(named: Sequence[bool | None]) -> str:
+    """"18% [9%, 33%] (7/39)" over the audits with a figure; "-" when none has one (the
+    placebo arm's share is chance)."""
+    hits = [n for n in named if n is not None]
+    if not hits:
+        return "-"
+    p, lo, hi = wilson(sum(hits), len(hits))
+    return f"{p:.0%} [{lo:.0%}, {hi:.0%}] ({sum(hits)}/{len(hits)})"
 
 
 def _visibility(row: dict) -> list[str]:
