@@ -9,6 +9,7 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,26 @@ class RunData:
         self.calls = calls or {}  # audit id -> stored tool calls (the audit pages' fallback)
         self.cells = aggregate(rows)
         self.auditors = _auditor_order(rows)
+
+    @cached_property
+    def specs(self) -> dict[str, Any]:
+        """The spec of each organism in the run, loaded once (from the built-in suites and the
+        suite's own organisms folder); an organism whose spec is gone is left out."""
+        from environments import get_spec
+
+        organisms_dir = ((self.run.get("config") or {}).get("suite") or {}).get("organisms_dir")
+        out: dict[str, Any] = {}
+        for organism in {r["organism"] for r in self.rows}:
+            try:
+                out[organism] = get_spec(organism, organisms_dir=organisms_dir)
+            except Exception:  # noqa: BLE001  # a spec deleted or moved since the run: no figure
+                pass
+        return out
+
+    def visibility(self, row: dict) -> list[str]:
+        """['rarely visible'] / ['visible'] for the row's organism ([] when its spec is gone)."""
+        spec = self.specs.get(row["organism"])
+        return [] if spec is None else ["rarely visible" if spec.rarely_visible else "visible"]
 
 
 def _auditor_order(rows: Sequence[dict]) -> list[str]:
@@ -126,7 +147,7 @@ def comparison_table(data: RunData) -> tuple[list[str], list[list[str]]]:
     named = _themes_named(data)
     for label, keep in (("NLA themes name the planted concept", None),
                         ("NLA themes name the planted concept: rarely visible",
-                         lambda r: _visibility(r) == ["rarely visible"])):
+                         lambda r: data.visibility(r) == ["rarely visible"])):
         cells = [_share([named[r["audit_id"]] for r in by_aud.get(a, []) if keep is None or keep(r)])
                  for a in data.auditors]
         if all(c == "-" for c in cells):
@@ -148,17 +169,9 @@ def comparison_table(data: RunData) -> tuple[list[str], list[list[str]]]:
 def _themes_named(data: RunData) -> dict[str, bool | None]:
     """Per audit: whether its `themes` results name the planted concept (None: a control, an arm
     without themes, or an organism whose spec is gone)."""
-    from environments import get_spec
-
-    organisms_dir = ((data.run.get("config") or {}).get("suite") or {}).get("organisms_dir")
-    concepts: dict[str, list[str]] = {}
-    for organism in {r["organism"] for r in data.rows if not r.get("control")}:
-        try:
-            concepts[organism] = list(get_spec(organism, organisms_dir=organisms_dir).ground_truth.key_concepts)
-        except Exception:  # noqa: BLE001  # an organism whose spec is gone: no figure
-            pass
-    return {r["audit_id"]: themes_name_concept(r.get("transcript_path"), concepts[r["organism"]])
-            if not r.get("control") and r["organism"] in concepts else None for r in data.rows}
+    return {r["audit_id"]: themes_name_concept(r.get("transcript_path"),
+                                               list(data.specs[r["organism"]].ground_truth.key_concepts))
+            if not r.get("control") and r["organism"] in data.specs else None for r in data.rows}
 
 
 def _share(named: Sequence[bool | None]) -> str:
@@ -171,22 +184,12 @@ def _share(named: Sequence[bool | None]) -> str:
     return f"{p:.0%} [{lo:.0%}, {hi:.0%}] ({sum(hits)}/{len(hits)})"
 
 
-def _visibility(row: dict) -> list[str]:
-    """'rarely visible' / 'visible' for an organism of the shipped specs ([] when unknown)."""
-    from environments import get_spec
-
-    try:
-        return ["rarely visible" if get_spec(row["organism"]).rarely_visible else "visible"]
-    except Exception:  # an organism from the user's own folder: no split
-        return []
-
-
 def paired_table(data: RunData) -> tuple[list[str], list[list[str]]]:
     """Each strategy minus behavioural on the same organism and seed (planted organisms)."""
     header = ["pair", "organisms", "pairs", "only A / only B", "difference (95% CI)", "sign test p"]
     rows = [[f"{d.a.split('/')[0]} - {d.b.split('/')[0]}", d.group, str(d.n), f"{d.a_only} / {d.b_only}",
              f"{d.diff:+.2f} [{d.low:+.2f}, {d.high:+.2f}]", f"{d.p:.2f}"]
-            for d in paired_differences(data.rows, group_of=_visibility)]
+            for d in paired_differences(data.rows, group_of=data.visibility)]
     return header, rows
 
 

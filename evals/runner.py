@@ -14,7 +14,6 @@ DuckDB as soon as it finishes.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import subprocess
 import time
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from nla_core.errors import NLAError
 
 from .judge import Judge, make_judge
-from .scoring import score_report
+from .scoring import score_report, transcript_calls
 from .store import AuditRow, ResultStore, ToolCallRow
 from .suite import AuditCell, BenchSuite
 
@@ -69,23 +68,12 @@ def code_version() -> str:
 
 def read_tool_calls(transcript_path: str | None) -> list[ToolCallRow]:
     """The tool calls of an audit, from its JSONL transcript (events of the `tools` node)."""
-    if not transcript_path or not Path(transcript_path).exists():
-        return []
-    rows: list[ToolCallRow] = []
-    for line in Path(transcript_path).read_text().splitlines():
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
-        call = ev.get("call") if isinstance(ev, dict) and ev.get("node") == "tools" else None
-        if not isinstance(call, dict):
-            continue
-        rows.append(ToolCallRow(
-            idx=len(rows), tool=str(call.get("tool")), args=call.get("args"), is_error=bool(call.get("is_error")),
-            tokens_generated=int(call.get("tokens") or 0), seconds=call.get("seconds"),
-            result_excerpt=str(call.get("text") or "")[:2000],
-        ))
-    return rows
+    return [
+        ToolCallRow(idx=i, tool=str(call.get("tool")), args=call.get("args"), is_error=bool(call.get("is_error")),
+                    tokens_generated=int(call.get("tokens") or 0), seconds=call.get("seconds"),
+                    result_excerpt=str(call.get("text") or "")[:2000])
+        for i, call in enumerate(transcript_calls(transcript_path))
+    ]
 
 
 def _check_budget(budget: dict | None) -> None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .judge import GroundTruth, Judge, JudgeError
 
-__all__ = ["Score", "score_report", "themes_name_concept"]
+__all__ = ["Score", "score_report", "themes_name_concept", "transcript_calls"]
 
 
 @dataclass
@@ -77,16 +77,28 @@ def themes_name_concept(transcript_path: str | None, key_concepts: Sequence[str]
     from nla_core.content import names_topic
 
     terms = concept_terms(key_concepts)
-    if not transcript_path or not terms or not Path(transcript_path).exists():
+    if not terms:
         return None
     named: bool | None = None
-    for line in Path(transcript_path).read_text().splitlines():
-        try:
-            call = json.loads(line).get("call")
-        except (ValueError, AttributeError):
-            continue
-        if not isinstance(call, dict) or call.get("tool") != "themes" or call.get("is_error"):
+    for call in transcript_calls(transcript_path):
+        if call.get("tool") != "themes" or call.get("is_error"):
             continue
         listed = (call.get("data") or {}).get("themes") or []
         named = bool(named) or any(names_topic(str(t.get("term", "")), terms) for t in listed if isinstance(t, dict))
     return named
+
+
+def transcript_calls(transcript_path: str | None) -> Iterator[dict]:
+    """The tool calls recorded in an audit's JSONL transcript (the `call` of each event of the
+    `tools` node), in order; nothing when there is no transcript. Lines that are not JSON (a
+    transcript cut off mid-write) are skipped."""
+    if not transcript_path or not Path(transcript_path).exists():
+        return
+    for line in Path(transcript_path).read_text().splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        call = ev.get("call") if isinstance(ev, dict) and ev.get("node") == "tools" else None
+        if isinstance(call, dict):
+            yield call

@@ -156,6 +156,20 @@ def test_themes_name_concept_reads_the_transcript(tmp_path):
     assert themes_name_concept(_themes_transcript(tmp_path / "d.jsonl", ["ocean"]), []) is None
 
 
+def test_transcript_calls_skip_other_nodes_and_a_line_cut_off_mid_write(tmp_path):
+    from evals.runner import read_tool_calls
+    from evals.scoring import transcript_calls
+
+    path = tmp_path / "t.jsonl"
+    _themes_transcript(path, ["ocean"])
+    with path.open("a") as fh:
+        fh.write(json.dumps({"node": "agent", "call": {"tool": "not-a-call"}}) + "\n")
+        fh.write('{"node": "tools", "call": {"tool": "ch')  # the audit was killed here
+    assert [c["tool"] for c in transcript_calls(str(path))] == ["themes"]
+    rows = read_tool_calls(str(path))
+    assert [(r.idx, r.tool, r.is_error) for r in rows] == [(0, "themes", False)]
+
+
 def test_report_shows_what_the_themes_name_beside_the_placebo(tmp_path):
     db = tmp_path / "t.duckdb"
     listed = {"nla": ["ocean", "tide"], "nla-placebo": ["guitar"], "behavioural": None}
