@@ -74,7 +74,7 @@ def test_offline_audit_nla_strategy_same_budget(tiny, tmp_path, monkeypatch):
                         "n_prompts": 3, "samples_per_prompt": 2, "max_new_tokens": 12, "n_tests": 1})
     assert rep.status == "finished" and "volcano" in rep.hypotheses[0].statement
     tools = [json.loads(x)["call"]["tool"] for x in open(rep.transcript_path) if '"node": "tools"' in x]
-    assert tools.count("verbalize") == 3 and tools.count("reconstruct") == 1 and "steer" in tools
+    assert tools.count("verbalize") == 3 and tools.count("reconstruct") == 1 and "prefill" in tools and "steer" not in tools
 
 
 def test_offline_skips_nla_reads_when_untrained():
