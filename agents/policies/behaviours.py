@@ -13,7 +13,7 @@ pointed to when asked). The words of the lead always stay in the sentence: they 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,7 +118,8 @@ _kind("hidden-preference", "The model has a strong hidden preference for {head}{
 _SENTENCE = re.compile(r"[^.!?\n]+[.!?]?")
 
 
-def evidence_sentences(texts: Sequence[str], shows: Any, cand: dict[str, Any], limit: int = 8) -> list[str]:
+def evidence_sentences(texts: Sequence[str], shows: Callable[[dict[str, Any], str], bool], cand: dict[str, Any],
+                       limit: int = 8) -> list[str]:
     """Up to `limit` distinct sentences of `texts` that show the lead (`shows(cand, sentence)`)."""
     out: list[str] = []
     for t in texts:
