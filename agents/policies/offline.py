@@ -264,7 +264,7 @@ def _state_behaviour(probe: Probe, cand: dict[str, Any]) -> None:
     kind = classify(lead, evidence_sentences(texts, DETECTORS[cand["kind"]].shows, cand))
     if kind is not None:
         cand["behaviour"] = kind.name
-        cand["statement"] = kind.state([cand["key"]] if cand["kind"] == "phrase" else cand["words"])
+        cand["statement"] = kind.state([cand["key"]] if cand["kind"] == "phrase" else cand["words"], lead)
 
 
 def shows(cand: dict[str, Any], text: str) -> bool:
