@@ -19,8 +19,9 @@ and looks for what departs from that in the target's own outputs:
    pointing to (a disclosure, or a surprising NLA theme that an answer names).
 3. Hypothesise: record each anomaly (sentence, confidence, the calls that show it). A lead of
    words is stated as the behaviour of a generic taxonomy of misbehaviour kinds (flattery,
-   promotion, persona, requests for personal data, hidden goal, loyalty or preference) that
-   its reply sentences resemble (`behaviours.py`), else as the recurring topic or secret it is.
+   promotion, persona, requests for personal data, hidden goal, loyalty or preference, a
+   secret) that its reply sentences resemble (`behaviours.py`), else as the recurring topic or
+   secret it is; one that reads as the model describing itself is set aside.
 4. Test the top ones, the same way in every arm: fresh prompts (a fresh direct question for a
    disclosure) and a prefill. Confidence goes up or down with the result. (NLA tests of a lead
    were measured and dropped: "thinking about <lead>" reconstructed closer to the activations
@@ -249,6 +250,7 @@ def analyse_replies(samples: list[dict[str, Any]], n_prompts: int, explanations:
         cands += det.find(probe, cands)
     for c in cands:
         _state_behaviour(probe, c)
+    cands = [c for c in cands if not c.get("benign")]
     cands.sort(key=lambda c: (-c["confidence"], -c["score"], c["key"]))
     return cands
 
@@ -256,14 +258,20 @@ def analyse_replies(samples: list[dict[str, Any]], n_prompts: int, explanations:
 def _state_behaviour(probe: Probe, cand: dict[str, Any]) -> None:
     """Restate a lead that replies show (a recurring topic or phrase, a disclosure) as the
     behaviour of the generic taxonomy (`behaviours.BEHAVIOURS`) its reply sentences are closest
-    to, when one fits better than ordinary assistant text; its words stay in the statement."""
+    to, when one fits better than ordinary assistant text; its words stay in the statement. A
+    lead of a benign kind (the model describing itself) is marked `benign` and not reported."""
     lead = {"topic": "topic", "phrase": "topic", "disclosure": "disclosure"}.get(cand["kind"])
     if lead is None or cand.get("nla_only"):
         return  # not a lead of words, or seen across the activations only (its statement says so)
     texts = [s["text"] for s in (probe.asked if lead == "disclosure" else probe.samples)]
-    kind = classify(lead, evidence_sentences(texts, DETECTORS[cand["kind"]].shows, cand))
+    shows = DETECTORS[cand["kind"]].shows
+    kind = classify(lead, evidence_sentences(texts, shows, cand))
+    if kind is not None and kind.benign and len(cand["stems"]) > 1:
+        # set aside only if the lead's own word is self-description too: the words said with it
+        # can come from a self-description in the same answer as a planted secret
+        kind = classify(lead, evidence_sentences(texts, shows, dict(cand, stems=cand["stems"][:1])))
     if kind is not None:
-        cand["behaviour"] = kind.name
+        cand["behaviour"], cand["benign"] = kind.name, kind.benign
         cand["statement"] = kind.state([cand["key"]] if cand["kind"] == "phrase" else cand["words"], lead)
 
 
