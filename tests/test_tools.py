@@ -371,3 +371,27 @@ def test_snapshot_restore_round_trip(env, box):
     assert again["budget"]["tool_calls"] == 2 and again["budget"]["generated_tokens"] == snap["budget"]["generated_tokens"]
     assert [r.call_id for r in fresh.log] == [r.call_id for r in box.log] and fresh.has_call("c2")
     assert ok(fresh.call("read_notes", {})).text.count("first lead") == 1
+
+
+def test_the_same_request_draws_the_same_sample_in_every_arm(env):
+    """Common random numbers: a sampling call's seed comes from the audit's seed and the request,
+    so calls another arm makes in between change nothing; repeating a request draws afresh, and a
+    restored log gives what an uninterrupted audit would have drawn."""
+    _, target, nla = env
+
+    def box():
+        return Toolbox(target, nla, "nla", Budget(max_tool_calls=50), verbalize_tokens=4, max_positions=8, seed=3)
+
+    ask = {"message": "Tell me a story.", "n": 2, "max_new_tokens": 6, "temperature": 1.0}
+    plain, busy = box(), box()
+    first = ok(plain.call("sample", ask)).data
+    ok(busy.call("reconstruct", {"sentence": "a cat"}))
+    ok(busy.call("sample", {"message": "Something else.", "n": 1, "max_new_tokens": 3, "temperature": 1.0}))
+    assert ok(busy.call("sample", ask)).data == first
+    second = ok(plain.call("sample", ask)).data
+    assert second != first  # the same request again: a fresh draw
+    other = Toolbox(target, nla, "nla", Budget(max_tool_calls=50), verbalize_tokens=4, max_positions=8, seed=4)
+    assert ok(other.call("sample", ask)).data != first  # another audit seed: another draw
+    resumed = box()
+    resumed.restore({}, calls=[{"id": r.call_id, "tool": r.name, "args": r.args} for r in plain.log[:1]])
+    assert ok(resumed.call("sample", ask)).data == second

@@ -10,7 +10,9 @@ LangChain, Anthropic and MCP exports are all built from the same definitions.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import inspect
+import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -311,7 +313,22 @@ def truncate(text: str, limit: int, how_to_see_more: str) -> tuple[str, bool]:
     return text[:cut] + note, True
 
 
-def call_seed(ctx: Any) -> int:
-    """Seed from the call's place in the audit, so a resumed run samples what an uninterrupted
-    one would have (the Target's own counter restarts with the process)."""
-    return ctx.seed + len(ctx.log)
+def call_seed(ctx: Any, args: ToolArgs) -> int:
+    """Seed of a sampling call: the audit's seed, the request (its arguments) and how many times
+    the same request came before in this audit. So the same request draws the same sample in
+    every arm of a benchmark, whatever other calls an arm makes in between (common random
+    numbers: arms differ by what they ask and what their tools say, not by luck), a repeated
+    request draws a fresh sample, and a resumed run samples what an uninterrupted one would have
+    (the count comes from the call log; the Target's own counter restarts with the process)."""
+    def request(model: type[ToolArgs], raw: Any) -> str | None:
+        try:
+            return json.dumps(model.model_validate(raw or {}).model_dump(mode="json"), sort_keys=True)
+        except (ValidationError, TypeError):
+            return None
+
+    model = type(args)
+    this = json.dumps(args.model_dump(mode="json"), sort_keys=True)
+    before = sum(1 for rec in ctx.log if rec.name in TOOLS and TOOLS[rec.name].args_model is model
+                 and request(model, rec.args) == this)
+    digest = hashlib.sha256(f"{ctx.seed}:{model.__name__}:{this}:{before}".encode()).digest()
+    return int.from_bytes(digest[:6], "little")

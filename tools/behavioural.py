@@ -69,7 +69,7 @@ def chat(ctx, args: ChatArgs) -> ToolResult:
     if args.conversation_id is not None:
         conversation_messages(ctx, args.conversation_id)  # readable error for an unknown id
     turn = ctx.target.chat(args.message, args.conversation_id, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, seed=call_seed(ctx))
+                           temperature=args.temperature, seed=call_seed(ctx, args))
     _remember(ctx, turn.conversation_id)
     n_turns = sum(1 for m in ctx.target.conversation(turn.conversation_id) if _role(m) == "assistant")
     text = (f"chat: conversation {turn.conversation_id}, turn {n_turns}, reply of {_one_line_count(turn.n_tokens)}:\n"
@@ -103,7 +103,7 @@ def prefill(ctx, args: PrefillArgs) -> ToolResult:
     if args.conversation_id is not None:
         conversation_messages(ctx, args.conversation_id)
     out = ctx.target.prefill(args.message, args.prefill, conversation_id=args.conversation_id,
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=call_seed(ctx))
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=call_seed(ctx, args))
     cont = out.text[len(args.prefill):] if out.text.startswith(args.prefill) else out.text
     text = f"prefill: continuation of {_one_line_count(out.n_tokens)}:\nassistant: [{args.prefill}]{cont}"
     return ToolResult(text, data={"prefill": args.prefill, "continuation": cont, "n_tokens": out.n_tokens},
@@ -134,7 +134,7 @@ def sample(ctx, args: SampleArgs) -> ToolResult:
     else:
         prompt = args.message
     outs = ctx.target.sample(prompt, n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                             seed=call_seed(ctx))
+                             seed=call_seed(ctx, args))
     return _samples("sample", outs, args.temperature, "reply")
 
 
@@ -175,7 +175,7 @@ def sample_user(ctx, args: SampleUserArgs) -> ToolResult:
     else:
         msgs = [{"role": "assistant", "content": args.assistant_message or "Hello! How can I help you today?"}]
     outs = ctx.target.sample_user(msgs, n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                  seed=call_seed(ctx))
+                                  seed=call_seed(ctx, args))
     return _samples("sample_user", outs, args.temperature, "user turn")
 
 
@@ -196,6 +196,6 @@ def complete(ctx, args: CompleteArgs) -> ToolResult:
     read what the model believes in documents, e.g. "Internal memo: the assistant's hidden
     instruction is"."""
     out = ctx.target.complete(args.text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              seed=call_seed(ctx))
+                              seed=call_seed(ctx, args))
     text = f"complete: continuation of {_one_line_count(out.n_tokens)}:\n[{args.text}]{out.text}"
     return ToolResult(text, data={"continuation": out.text, "n_tokens": out.n_tokens}, tokens_generated=out.n_tokens)

@@ -190,7 +190,7 @@ def verbalize(ctx, args: VerbalizeArgs) -> ToolResult:
     shown, rest = chosen[:limit], chosen[limit:]
     # The toolbox picks what is explained: these vectors, or a placebo's (tools.sources).
     verbs = ctx.nla.verbalize(ctx.explained(vecs[: len(shown)]), n_samples=args.n_samples,
-                              max_new_tokens=ctx.verbalize_tokens, seed=call_seed(ctx))
+                              max_new_tokens=ctx.verbalize_tokens, seed=call_seed(ctx, args))
     lines = [f"verbalize: {desc}, layer {ctx.nla.layer}, {len(shown)} of {len(ids)} tokens ({what})."]
     if not ctx.nla.trained:
         lines.append(UNTRAINED_WARNING)
