@@ -203,3 +203,49 @@ def test_throughput_runs_the_same_cells_one_at_a_time_and_batched(tiny, tmp_path
     assert res.baseline.outcomes.keys() == res.batched.outcomes.keys()
     assert res.same_detections and not res.differing
     assert res.ratio > 0 and res.peak_rss_mb > 0
+
+
+def test_a_worker_process_stops_when_its_driver_is_killed(tmp_path):
+    """SIGKILL skips the driver's clean-up (which stops its daemon workers); the worker notices
+    it was orphaned and exits instead of running audits no one will read."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "driver.py"  # a file: spawn re-imports the target from it
+    script.write_text(
+        "import multiprocessing as mp, os, sys, time\n"
+        "from evals.executors.local import exit_when_orphaned\n"
+        "def work(driver):\n"
+        "    exit_when_orphaned(driver, poll_s=0.2)\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    p = mp.get_context('spawn').Process(target=work, args=(os.getpid(),), daemon=True)\n"
+        "    p.start()\n"
+        "    print(p.pid, flush=True)\n"
+        "    time.sleep(120)\n")
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    worker = int(driver.stdout.readline())
+
+    def running(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # a zombie is gone
+        except FileNotFoundError:
+            return False
+
+    time.sleep(1.0)
+    assert running(worker)  # alive while its driver is
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    deadline = time.monotonic() + 15
+    while running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert not running(worker)
+    finally:
+        if running(worker):
+            os.kill(worker, signal.SIGKILL)

@@ -3,11 +3,14 @@ runs `plan.concurrency` audits at once in threads (their generate calls batched 
 
 Worker processes take cells from one queue as they free up, so a slow organism does not hold
 the others back. A worker process that dies (killed, out of memory) is replaced and the audits
-it had in hand are run again, at most twice each; the audits it finished are already saved.
+it had in hand are run again, at most twice each; the audits it finished are already saved. A
+worker process whose driver is gone (killed with a signal that skips its clean-up) stops too,
+instead of running on unseen.
 """
 
 from __future__ import annotations
 
+import os
 import queue as _queue
 import threading
 import time
@@ -99,10 +102,26 @@ def _run_in_threads(worker: Any, cells: list[AuditCell], concurrency: int, event
 # ---- worker processes -----------------------------------------------------------------------
 
 
-def _process_main(plan_json: dict, tasks: Any, results: Any, slot: int) -> None:
+def exit_when_orphaned(driver_pid: int, poll_s: float = 2.0) -> threading.Thread:
+    """Watch, in a daemon thread, that this process's parent is still `driver_pid`, and end the
+    process (exit code 3) when it is not: its driver died without stopping it (SIGKILL, or a
+    SIGTERM that skipped the driver's clean-up), so no one reads its results. An audit it had
+    in hand is resumed from its checkpoint by `nla bench --resume`."""
+    def watch() -> None:
+        while os.getppid() == driver_pid:
+            time.sleep(poll_s)
+        os._exit(3)
+
+    t = threading.Thread(target=watch, name="exit-when-orphaned", daemon=True)
+    t.start()
+    return t
+
+
+def _process_main(plan_json: dict, tasks: Any, results: Any, slot: int, driver_pid: int) -> None:
     """A worker process: `plan.concurrency` threads take cells from `tasks` until a None."""
     from ..progress import quiet_libraries
 
+    exit_when_orphaned(driver_pid)
     quiet_libraries()
     plan = WorkerPlan.model_validate(plan_json)
     worker = plan.make_worker()
@@ -146,7 +165,8 @@ def _run_in_processes(plan: WorkerPlan, cells: list[AuditCell], events: Executor
 
     def spawn() -> None:
         nonlocal next_slot
-        p = ctx.Process(target=_process_main, args=(plan_json, tasks, results, next_slot), daemon=True)
+        p = ctx.Process(target=_process_main, args=(plan_json, tasks, results, next_slot, os.getpid()),
+                        daemon=True)
         p.start()
         procs[next_slot], in_hand[next_slot] = p, {}
         next_slot += 1
