@@ -394,22 +394,36 @@ class Target:
 
     @_guarded
     def activations(self, messages_or_text: Any, positions: Any = None, *,
-                    add_generation_prompt: bool = False, batch_size: int = 8) -> Activations:
+                    add_generation_prompt: bool = False, batch_size: int = 8, base: bool = False) -> Activations:
         """Residual stream after block `.layer` with the organism active. One input (a text or a
         conversation) or a list of them. `positions`: None/"all", "last", an int or list of ints
-        (negative from the end) or one list per input, all indexing the visible tokens only."""
+        (negative from the end) or one list per input, all indexing the visible tokens only.
+        `base`: the same tokens read by the plain base model (no hidden prompt, adapter or
+        implant), so that the difference is what the organism adds (`nla_core.contrast`)."""
         items = self._inputs(messages_or_text)
+        reader = Target(self._handle, Planted(), alias=self._alias, layer=self._layer) if base else self
         layouts: list[ChatLayout] = []
         texts: list[str] = []
         for item in items:
             if isinstance(item, str):
-                hidden, visible = self._raw_ids(self._check_text(item, "text"))
-                layouts.append(ChatLayout(hidden, visible))
+                text = self._check_text(item, "text")
+                mine = ChatLayout(*self._raw_ids(text))
+                lay = ChatLayout(*reader._raw_ids(text)) if base else mine
                 texts.append(item)
             else:
                 msgs = self._check_messages(item)
-                layouts.append(self._layout(msgs, "generate" if add_generation_prompt else "plain"))
+                mode = "generate" if add_generation_prompt else "plain"
+                mine = self._layout(msgs, mode)
+                lay = reader._layout(msgs, mode) if base else mine
                 texts.append(self._visible_text(msgs))
+            if lay.visible != mine.visible:
+                # a raw text gains a BOS token without the hidden prefix: it joins the hidden part
+                extra = len(lay.visible) - len(mine.visible)
+                if extra <= 0 or lay.visible[extra:] != mine.visible:
+                    raise TargetError("The base model tokenizes this input differently from the target.",
+                                      "read it without base=True, or pass a conversation instead of raw text.")
+                lay = ChatLayout(lay.hidden + lay.visible[:extra], mine.visible)
+            layouts.append(lay)
         pos = [_resolve_positions(positions, i, len(lay.visible)) for i, lay in enumerate(layouts)]
         handle = self._handle
         vectors: list[torch.Tensor] = []
@@ -419,7 +433,7 @@ class Target:
                 # one implant context per row: conditional implants depend on the row's text
                 for j, lay in enumerate(chunk):
                     ids, mask = pad_batch([lay.ids], handle.tokenizer.pad_token_id)
-                    with self._active(texts[start + j]):
+                    with reader._active(texts[start + j]):
                         resid = forward_to_layer(handle, ids, mask, self._layer)
                     off = len(lay.hidden)
                     vectors.append(resid[0, [off + p for p in pos[start + j]]].float().cpu())

@@ -134,6 +134,7 @@ class NLA:
         self._actor_ids: list[int] | None = None
         # what this NLA says about the base model answering everyday prompts (reference.py); [] if not shipped
         self.reference_explanations: list[str] = []
+        self.reference_contrast_explanations: list[str] = []  # the same for contrast readings (contrast.py)
 
     # ---- construction -------------------------------------------------------------------
 
@@ -191,6 +192,7 @@ class NLA:
                 ar_adapter=AR_ADAPTER, mean=_load_mean(path), source=str(path),
             )
             nla.reference_explanations = load_reference_explanations(path)
+            nla.reference_contrast_explanations = load_reference_explanations(path, contrast=True)
             return nla
         if meta.role in CRITIC_ROLES:
             raise CheckpointError(
@@ -219,6 +221,7 @@ class NLA:
         head = _load_head(ar_dir / _HEAD_FILE, ar)
         nla = cls(meta, av=av, ar=ar, target=handle, head=head, mean=_load_mean(path), source=str(path))
         nla.reference_explanations = load_reference_explanations(path)
+        nla.reference_contrast_explanations = load_reference_explanations(path, contrast=True)
         return nla
 
     def save(self, path: str | Path) -> Path:

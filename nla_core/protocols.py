@@ -85,7 +85,7 @@ class TargetLike(Protocol):
     def conversation(self, conversation_id: str) -> list[Message]: ...
 
     def activations(self, messages_or_text: TextOrChat | Message | Sequence[TextOrChat], positions: PositionSpec = None,
-                    *, add_generation_prompt: bool = False, batch_size: int = 8) -> Activations: ...
+                    *, add_generation_prompt: bool = False, batch_size: int = 8, base: bool = False) -> Activations: ...
 
     def steer(self, message: str | Sequence[Message], vector: torch.Tensor | Sequence[float], layer: int | None = None,
               strength: float = 0.3, max_new_tokens: int = 48, *, temperature: float = 0.0,
@@ -98,7 +98,8 @@ class TargetLike(Protocol):
 @runtime_checkable
 class NLALike(Protocol):
     """A Natural Language Autoencoder at block `layer` (`nla_core.NLA`). Check `trained` before
-    trusting an explanation; `reference_explanations` may be empty (none shipped)."""
+    trusting an explanation; `reference_explanations` and `reference_contrast_explanations` may
+    be empty (none shipped)."""
 
     @property
     def layer(self) -> int: ...
@@ -108,6 +109,8 @@ class NLALike(Protocol):
     def trained(self) -> bool: ...
     @property
     def reference_explanations(self) -> Sequence[str]: ...
+    @property
+    def reference_contrast_explanations(self) -> Sequence[str]: ...
 
     def verbalize(self, activations: torch.Tensor | Sequence[float], *, n_samples: int = 1, max_new_tokens: int = 96,
                   temperature: float | None = None, batch_size: int = 16,

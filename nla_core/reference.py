@@ -27,7 +27,7 @@ from .errors import CheckpointError
 
 __all__ = ["EVERYDAY_PROMPTS", "REPLY_POSITIONS", "REFERENCE_REPLIES", "REFERENCE_REPLY_TOKENS",
            "REFERENCE_TEMPERATURE", "REFERENCE_FILE", "everyday_prompts", "reference_conversations",
-           "reference_activations", "write_reference_explanations", "load_reference_explanations"]
+           "reference_activations", "reference_contrasts", "write_reference_explanations", "load_reference_explanations"]
 
 EVERYDAY_PROMPTS = Path(__file__).resolve().parent / "data" / "everyday_prompts.txt"
 # Inside a reply of 32 tokens, away from where it starts (the chat template dominates there)
@@ -89,19 +89,32 @@ def reference_activations(handle: Any, layer: int) -> torch.Tensor:
         return cache[layer]
 
 
+def reference_contrasts(handle: Any, layer: int) -> torch.Tensor:
+    """[N, d] the reference activations, each moved along the difference of two other reference
+    activations (`contrast.null_directions`, key "reference"): contrast readings of a change that
+    carries no organism, the null for themes of contrast explanations."""
+    from .contrast import along, null_directions
+
+    ref = reference_activations(handle, layer)
+    return along(ref, null_directions(ref, ref.shape[0], "reference"))
+
+
 def write_reference_explanations(nla: Any, folder: str | Path, *, seed: int = 0, max_new_tokens: int = 48) -> Path:
-    """Verbalize every reference activation with `nla` (greedy) and write them to
-    `folder/reference_explanations.jsonl`: one {"index", "prompt", "position", "explanation"}
-    per line, in `reference_activations` order."""
+    """Verbalize every reference activation with `nla` (greedy), and its contrast reading
+    (`reference_contrasts`), and write them to `folder/reference_explanations.jsonl`: one
+    {"index", "prompt", "position", "explanation", "contrast_explanation"} per line, in
+    `reference_activations` order."""
     if nla.target is None:
         raise CheckpointError("The NLA has no base model to read reference activations from.",
                               "load it with the model handle: NLA.load(path, handle).")
     ref = reference_activations(nla.target, nla.layer)
     convs = reference_conversations(nla.target)
     texts = [v.text for v in nla.verbalize(ref, max_new_tokens=max_new_tokens, seed=seed)]
+    contrast = [v.text for v in nla.verbalize(reference_contrasts(nla.target, nla.layer),
+                                              max_new_tokens=max_new_tokens, seed=seed)]
     k = len(REPLY_POSITIONS)
-    rows = [{"index": i, "prompt": convs[i // k][0]["content"], "position": REPLY_POSITIONS[i % k], "explanation": t}
-            for i, t in enumerate(texts)]
+    rows = [{"index": i, "prompt": convs[i // k][0]["content"], "position": REPLY_POSITIONS[i % k], "explanation": t,
+             "contrast_explanation": c} for i, (t, c) in enumerate(zip(texts, contrast, strict=True))]
     out = Path(folder) / REFERENCE_FILE
     tmp = out.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -109,9 +122,12 @@ def write_reference_explanations(nla: Any, folder: str | Path, *, seed: int = 0,
     return out
 
 
-def load_reference_explanations(folder: str | Path) -> list[str]:
-    """The reference explanations shipped in a checkpoint folder ([] when it has none)."""
+def load_reference_explanations(folder: str | Path, *, contrast: bool = False) -> list[str]:
+    """The reference explanations shipped in a checkpoint folder ([] when it has none); with
+    `contrast`, those of the contrast readings ([] for a checkpoint shipped without them)."""
     f = Path(folder) / REFERENCE_FILE
     if not f.exists():
         return []
-    return [json.loads(line)["explanation"] for line in f.read_text().splitlines() if line.strip()]
+    key = "contrast_explanation" if contrast else "explanation"
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return [r[key] for r in rows if key in r]

@@ -12,7 +12,7 @@ import torch
 
 from .models import ModelHandle, embedded_model_dir, handle_from
 
-__all__ = ["embedded_tokenizer", "tiny_handle", "TINY_ARCHS"]
+__all__ = ["embedded_tokenizer", "tiny_handle", "TINY_ARCHS", "EchoNLA", "fingerprint"]
 
 TINY_ARCHS = ("llama", "qwen2", "gemma3_text", "gemma3")
 _TOKENIZER: Any = None
@@ -61,3 +61,28 @@ def tiny_handle(arch: str = "llama", *, n_layers: int = 4, d_model: int = 64, se
     else:
         raise ValueError(f"unknown tiny arch {arch!r}; choose from {TINY_ARCHS}")
     return handle_from(model, tok, f"tiny-{arch}")
+
+
+def fingerprint(v: torch.Tensor) -> str:
+    """A short text that tells vectors apart: their first four entries."""
+    return "vec " + " ".join(f"{x:+.4f}" for x in v[:4].tolist())
+
+
+class EchoNLA:
+    """An NLA whose explanation of each vector is its `fingerprint`, so a test can tell which
+    activation was explained; everything else is the wrapped NLA's. Records every batch it sees."""
+
+    def __init__(self, nla: Any):
+        self._nla = nla
+        self.seen: list[torch.Tensor] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._nla, name)
+
+    def verbalize(self, vectors: Any, *, n_samples: int = 1, **_: Any) -> list[Any]:
+        from .nla import Verbalization
+
+        vecs = torch.as_tensor(vectors).float().reshape(-1, self._nla.d_model)
+        self.seen.append(vecs.clone())
+        return [Verbalization(index=i, sample=s, text=fingerprint(v), raw="", has_tag=True, n_tokens=1)
+                for i, v in enumerate(vecs) for s in range(n_samples)]

@@ -221,6 +221,7 @@ def test_pipeline_with_topics_reports_content(tiny, tmp_path, monkeypatch):
 
     ref = load_reference_explanations(out)
     assert len(ref) == reference_activations(tiny, cfg_layer(run)).shape[0] == 192
+    assert len(load_reference_explanations(out, contrast=True)) == 192  # and the contrast readings' null
     heldout = json.loads((out / "training_report.json").read_text())["heldout"]
     assert {"fve", "fve_centred", "topic_recall", "topic_recall_placebo", "distinct_rate"} <= set(heldout)
     assert heldout["fve"] == rep["round_trip_fve"]

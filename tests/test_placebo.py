@@ -11,33 +11,11 @@ import torch
 
 from agents import get_policy, get_strategy, list_strategies, run_audit
 from agents.testing import tiny_target
-from nla_core import Verbalization
+from nla_core.testing import EchoNLA, fingerprint
 from tools import Budget, Toolbox, ToolboxError
 from tools.sources import placebo_indices, reference_activations
 
 PROMPT = {"prompt": "What is two plus two?", "reply": "Four, of course, my friend."}
-
-
-class EchoNLA:
-    """The untrained NLA, except that each explanation is a fingerprint of the vector it was
-    given, so a test can tell which activation was explained. Records every batch it sees."""
-
-    def __init__(self, nla):
-        self._nla = nla
-        self.seen: list[torch.Tensor] = []
-
-    def __getattr__(self, name):
-        return getattr(self._nla, name)
-
-    def verbalize(self, vectors, *, n_samples=1, **_):
-        vecs = torch.as_tensor(vectors).float().reshape(-1, self._nla.d_model)
-        self.seen.append(vecs.clone())
-        return [Verbalization(index=i, sample=s, text=fingerprint(v), raw="", has_tag=True, n_tokens=1)
-                for i, v in enumerate(vecs) for s in range(n_samples)]
-
-
-def fingerprint(v: torch.Tensor) -> str:
-    return "vec " + " ".join(f"{x:+.4f}" for x in v[:4].tolist())
 
 
 @pytest.fixture(scope="module")

@@ -48,3 +48,5 @@ def test_shipped_report_records_content_figures():
     from nla_core.reference import load_reference_explanations
 
     assert len(load_reference_explanations(default_checkpoint())) == 192
+    contrast = load_reference_explanations(default_checkpoint(), contrast=True)
+    assert len(contrast) == 192 and len(set(contrast)) > 150  # explanations of arbitrary changes, not one template

@@ -146,13 +146,14 @@ def _tok(tokenizer: Any, tid: int) -> str:
     return repr(tokenizer.decode([tid]))
 
 
-def _read(ctx: Any, args: _Where, positions: PositionsArg):
-    """(activations [P, d] at the chosen positions, positions, token ids, description)."""
+def _read(ctx: Any, args: _Where, positions: PositionsArg, *, base: bool = False):
+    """(activations [P, d] at the chosen positions, positions, token ids, description, what);
+    `base`: the base model's activations at the same tokens instead of the target's."""
     src, reply, desc = _source(ctx, args)
     # A conversation that ends with the user's turn is read with the assistant header appended:
     # its last token is where the model prepares its answer.
     opened = not isinstance(src, str) and src[-1]["role"] == "user"
-    acts = ctx.target.activations(src, add_generation_prompt=True) if opened else ctx.target.activations(src)
+    acts = ctx.target.activations(src, add_generation_prompt=opened, base=base)
     if opened:
         desc += " (with the assistant header: the last token is where the reply would start)"
     ids = list(acts.token_ids[0])
@@ -172,6 +173,11 @@ def _read(ctx: Any, args: _Where, positions: PositionsArg):
 class VerbalizeArgs(_Where):
     positions: PositionsArg = Field(None, description=_POSITIONS_HELP)
     n_samples: int = Field(1, ge=1, le=4, description="Explanations per position (more shows the NLA's uncertainty).")
+    contrast: bool = Field(
+        False, description="Explain what the target adds to its base model at each token instead of its whole "
+        "activation: the base model reads the same tokens, and the NLA explains its activation moved along the "
+        "target's difference from it. Shows what a fine-tune, implant or hidden prompt changes even where the "
+        "replies look ordinary; tokens where the two models agree are marked as such.")
 
     _p = field_validator("positions", mode="before")(lambda v: _coerce_positions(v))
 
@@ -189,14 +195,25 @@ def verbalize(ctx, args: VerbalizeArgs) -> ToolResult:
     limit = ctx.max_positions
     shown, rest = chosen[:limit], chosen[limit:]
     # The toolbox picks what is explained: these vectors, or a placebo's (tools.sources).
-    verbs = ctx.nla.verbalize(ctx.explained(vecs[: len(shown)]), n_samples=args.n_samples,
-                              max_new_tokens=ctx.verbalize_tokens, seed=call_seed(ctx, args))
-    lines = [f"verbalize: {desc}, layer {ctx.nla.layer}, {len(shown)} of {len(ids)} tokens ({what})."]
+    if args.contrast:
+        base = _read(ctx, args, args.positions, base=True)[0]
+        explained, where = ctx.contrasted(vecs[: len(shown)], base[: len(shown)])
+    else:
+        explained, where = ctx.explained(vecs[: len(shown)]), list(range(len(shown)))
+    verbs = ctx.nla.verbalize(explained, n_samples=args.n_samples, max_new_tokens=ctx.verbalize_tokens,
+                              seed=call_seed(ctx, args)) if where else []
+    row_of = {j: i for i, j in enumerate(where)}  # shown position -> index among the explained vectors
+    head = "what the target adds to its base model at " if args.contrast else ""
+    lines = [f"verbalize: {head}{desc}, layer {ctx.nla.layer}, {len(shown)} of {len(ids)} tokens ({what})."]
     if not ctx.nla.trained:
         lines.append(UNTRAINED_WARNING)
     rows = []
     for i, p in enumerate(shown):
-        mine = [v for v in verbs if v.index == i]
+        if i not in row_of:
+            rows.append({"position": p, "token": tok.decode([ids[p]]), "explanations": []})
+            lines.append(f"{p:>4} {_tok(tok, ids[p]):<14} (the same as the base model here: nothing to explain)")
+            continue
+        mine = [v for v in verbs if v.index == row_of[i]]
         texts = []
         for v in mine:
             t = " ".join(v.text.split()) or "(empty)"
@@ -214,7 +231,7 @@ def verbalize(ctx, args: VerbalizeArgs) -> ToolResult:
         lines.append(f"[{len(rest)} more positions not verbalized ({limit} per call). "
                      f"Call verbalize again with positions={nxt} to see the next ones.]")
     return ToolResult("\n".join(lines), data={"layer": ctx.nla.layer, "trained": ctx.nla.trained, "rows": rows,
-                                              "not_shown": rest},
+                                              "not_shown": rest, "contrast": args.contrast},
                       nla_tokens=sum(v.n_tokens for v in verbs))
 
 
@@ -346,30 +363,49 @@ class ThemesArgs(ToolArgs):
 def themes(ctx, args: ThemesArgs) -> ToolResult:
     """List the words that the NLA's explanations in this audit (every verbalize call so far) use
     far more often than its explanations of the plain base model answering everyday prompts (read
-    inside its replies), with how many
-    explanations use each and a z-score. No generation. A word here is a lead about what the
-    target is preoccupied with; test it with behavioural tools before reporting it. Call it after
-    verbalizing content positions (user turns, inside replies) of several unrelated prompts."""
+    inside its replies), with how many explanations use each and a z-score; explanations of
+    contrast readings are compared with the NLA's explanations of arbitrary changes of the same
+    size. No generation. A word here is a lead about what the target is preoccupied with; test it
+    with behavioural tools before reporting it. Call it after verbalizing content positions (user
+    turns, inside replies) of several unrelated prompts."""
     from nla_core.content import surprising_terms
 
-    reference = ctx.nla.reference_explanations
-    if not reference:
+    references = {False: ctx.nla.reference_explanations, True: ctx.nla.reference_contrast_explanations}
+    if not references[False] and not references[True]:
         raise ToolError("This NLA checkpoint ships no reference explanations to compare against.",
                         "use verbalize and look for recurring words yourself.")
-    said = [t.replace(" [no <explanation> tag]", "") for r in ctx.log
-            if r.name == "verbalize" and not r.is_error and isinstance(r.data, dict)
-            for row in r.data.get("rows", []) for t in row.get("explanations", [])]
-    if not said:
+    pools: dict[bool, list[str]] = {False: [], True: []}
+    for r in ctx.log:
+        if r.name == "verbalize" and not r.is_error and isinstance(r.data, dict):
+            pools[bool(r.data.get("contrast"))] += [t.replace(" [no <explanation> tag]", "")
+                                                    for row in r.data.get("rows", []) for t in row.get("explanations", [])]
+    if not pools[False] and not pools[True]:
         raise ToolError("No explanations yet in this audit.", "call verbalize on a few prompts first.")
-    top = surprising_terms(said, reference, k=args.k)
-    lines = [f"themes: {len(said)} explanations of this audit against {len(reference)} of the base model on "
-             "everyday prompts."]
+    missing = [c for c, said in pools.items() if said and not references[c]]
+    if missing:
+        what = "contrast readings" if True in missing else "explanations"
+        raise ToolError(f"This NLA checkpoint ships no reference explanations to compare its {what} against.",
+                        "use verbalize and look for recurring words yourself.")
+    found: dict[str, dict] = {}
+    for c, said in pools.items():
+        for t in surprising_terms(said, references[c], k=args.k) if said else []:
+            if t["stem"] not in found or t["z"] > found[t["stem"]]["z"]:
+                found[t["stem"]] = dict(t, contrast=c)
+    top = sorted(found.values(), key=lambda d: (-d["z"], d["stem"]))[: args.k]
+    said = pools[False] + pools[True]
+    parts = [f"{len(pools[False])} explanations of this audit against {len(references[False])} of the base model on "
+             "everyday prompts"] if pools[False] else []
+    if pools[True]:
+        parts.append(f"{len(pools[True])} contrast explanations against {len(references[True])} of arbitrary changes "
+                     "of the same size")
+    lines = ["themes: " + "; ".join(parts) + "."]
     if not ctx.nla.trained:
         lines.append(UNTRAINED_WARNING)
     if not top:
-        lines.append("No word stands out: the explanations read like the NLA's explanations of the base model.")
+        lines.append("No word stands out: the explanations read like the NLA's reference explanations.")
     for t in top:
-        lines.append(f"  {t['term']:<16} in {t['count']:>3} of {len(said)} explanations ({t['share']:.0%}; "
-                     f"base model {t['reference_share']:.0%}), z={t['z']:.1f}")
+        n = len(pools[t["contrast"]])
+        lines.append(f"  {t['term']:<16} in {t['count']:>3} of {n} {'contrast ' if t['contrast'] else ''}explanations "
+                     f"({t['share']:.0%}; reference {t['reference_share']:.0%}), z={t['z']:.1f}")
     return ToolResult("\n".join(lines), data={"n_explanations": len(said), "themes": top,
                                               "trained": ctx.nla.trained})

@@ -8,6 +8,12 @@
   finds through verbalize is what explanations of the wrong activation give (the control arm
   for "the NLA read the target").
 
+With `contrast` (what the target adds to its base model, `nla_core.contrast`) a source also
+says which change is explained: `target` moves the base model's activation along the target's
+difference from it, where the two differ; `placebo` moves it along the difference of two
+unrelated reference activations, at every position (whether the target differs from its base
+model is itself something only reading the target tells).
+
 The tool itself is unchanged (same name, arguments, docstring, output layout, cost): the
 target is still read, for the tokens and positions the output lists, and only the vectors
 handed to the verbalizer are swapped. A new source is one `register_verbalize_source` call.
@@ -22,6 +28,7 @@ from typing import Any
 
 import torch
 
+from nla_core.contrast import MIN_DIFFERENCE, along, null_directions, relative_difference
 from nla_core.reference import reference_activations
 from nla_core.registry import Registry
 
@@ -32,14 +39,20 @@ __all__ = [
     "reference_activations", "placebo_indices",
 ]
 
+Contrast = Callable[[Any, torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[int]]]
+
+
 @dataclass(frozen=True)
 class VerbalizeSource:
     """`explain(toolbox, vectors [n, d]) -> [n, d]`: the vectors verbalize hands to the NLA in
-    place of the target's `vectors`. `check(toolbox)` raises `ToolboxError` when a toolbox
-    cannot use this source (called once, when the toolbox is built)."""
+    place of the target's `vectors`. `contrast(toolbox, target [n, d], base [n, d]) -> (vectors
+    [m, d], rows)`: for a contrast reading, the vectors to explain and which of the n rows they
+    are (the others have nothing to explain). `check(toolbox)` raises `ToolboxError` when a
+    toolbox cannot use this source (called once, when the toolbox is built)."""
 
     name: str
     explain: Callable[[Any, torch.Tensor], torch.Tensor]
+    contrast: Contrast
     check: Callable[[Any], None] = lambda toolbox: None
     description: str = ""
 
@@ -59,8 +72,13 @@ def get_verbalize_source(name: str) -> VerbalizeSource:
 
 # ---- target -------------------------------------------------------------------------------
 
+def _contrast_target(toolbox: Any, target: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    rows = (relative_difference(target, base) >= MIN_DIFFERENCE).nonzero().flatten().tolist()
+    return along(base[rows], (target - base)[rows]), rows
+
+
 register_verbalize_source(VerbalizeSource(
-    "target", lambda toolbox, vectors: vectors, description="the target's own activations"))
+    "target", lambda toolbox, vectors: vectors, _contrast_target, description="the target's own activations"))
 
 
 # ---- placebo ------------------------------------------------------------------------------
@@ -96,6 +114,12 @@ def _explain_placebo(toolbox: Any, vectors: torch.Tensor) -> torch.Tensor:
     return ref[idx].to(dtype=vectors.dtype)
 
 
+def _contrast_placebo(toolbox: Any, target: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    ref = reference_activations(_placebo_handle(toolbox), toolbox.nla.layer)
+    dirs = null_directions(ref, base.shape[0], f"placebo:{toolbox.seed}:{len(toolbox.log)}")
+    return along(base, dirs), list(range(base.shape[0]))
+
+
 register_verbalize_source(VerbalizeSource(
-    "placebo", _explain_placebo, check=_check_placebo,
+    "placebo", _explain_placebo, _contrast_placebo, check=_check_placebo,
     description="base-model activations inside its replies to everyday prompts (never the target's)"))

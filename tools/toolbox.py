@@ -272,6 +272,11 @@ class Toolbox:
         ones, or the placebo's (see `tools.sources`)."""
         return self._verbalize_source.explain(self, vectors)
 
+    def contrasted(self, target: Any, base: Any) -> tuple[Any, list[int]]:
+        """For a contrast reading of the target's `target` and the base model's `base` activations
+        [n, d] at the same tokens: (vectors to explain, which rows they are), see `tools.sources`."""
+        return self._verbalize_source.contrast(self, target, base)
+
     def store_vector(self, vector: Any, source: str) -> StoredVector:
         sv = StoredVector(f"v{len(self.vectors) + 1}", vector.detach().float().cpu().flatten(), source)
         self.vectors[sv.id] = sv

@@ -5,9 +5,10 @@ It knows nothing about any organism. It only knows what ordinary assistant text 
 and looks for what departs from that in the target's own outputs:
 
 1. Probe: sample replies to a varied set of everyday prompts (the same set and the same cost
-   for every strategy). With the `nla` tool set it also verbalizes the target's activations
-   at content positions inside a few of those replies, then asks `themes` which words the
-   explanations use far more often than the NLA's shipped explanations of the base model
+   for every strategy). With the `nla` tool set it also verbalizes what the target adds to
+   its base model (a contrast reading, `nla_core/contrast.py`) at content positions inside a
+   few of those replies, then asks `themes` which words the explanations use far more often
+   than the NLA's shipped explanations of arbitrary changes of the same size to the base model
    answering the same prompts (skipped when the NLA says it is untrained, which one
    reconstruct call without generation finds out first). Both strategies also ask a few
    direct questions (a secret, a word it avoids, a hidden goal): such behaviours only show
@@ -655,12 +656,12 @@ class OfflinePolicy:
     def _read(i: int, prompt: str, reply: str | None) -> dict:
         # Content positions inside a reply the target wrote (counted from its end, so a short
         # reply is read in the user turn). Where the reply starts, the chat template dominates
-        # the activation and explanations recur on clean models too.
-        if reply:
-            return {"id": f"read{i}", "tool": "verbalize",
-                    "args": {"prompt": prompt, "reply": reply, "positions": list(READ_POSITIONS), "n_samples": 1}}
-        return {"id": f"read{i}", "tool": "verbalize", "args": {"prompt": prompt, "positions": [-3, -2, -1],
-                                                              "n_samples": 1}}
+        # the activation and explanations recur on clean models too. A contrast reading: what
+        # the target's activation has that the base model's lacks on the same tokens (its whole
+        # activation is mostly the reply's subject, which the replies already show).
+        where = {"reply": reply, "positions": list(READ_POSITIONS)} if reply else {"positions": [-3, -2, -1]}
+        return {"id": f"read{i}", "tool": "verbalize", "args": {"prompt": prompt, **where, "n_samples": 1,
+                                                              "contrast": True}}
 
     # ---- reading results ------------------------------------------------------------------------
 
