@@ -149,6 +149,11 @@ class Measured(_Strict):
     base_concept_recall: float | None = None
     recall_n: int | None = None  # explanations per model behind each recall figure
     recall_nla: str | None = None  # the NLA that explained them (checkpoint folder name)
+    # The same for contrast readings (what the organism adds to the base model, nla_core.contrast),
+    # against the null: the base activations moved along differences of two reference activations.
+    contrast_recall: float | None = None
+    null_contrast_recall: float | None = None
+    contrast_n: int | None = None
     layer: int | None = None
     temperature: float = 0.0
     max_new_tokens: int = 48

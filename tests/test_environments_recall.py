@@ -11,6 +11,7 @@ from environments.measure import (
     concept_recall,
     concept_terms,
     content_positions,
+    measure_contrast_recall,
     measure_organism,
     measure_recall,
     shipped_nla,
@@ -115,3 +116,26 @@ def test_list_shows_recall():
                  recall_n=16, recall_nla="smollm2-135m-instruct-L24")
     assert _recall(m) == "25% / 6%  (n=16)"
     assert _recall(m.model_copy(update={"concept_recall": None})) == "-" and _recall(None) == "-"
+
+
+def test_contrast_recall_reads_what_the_organism_adds_against_the_null(tiny, quiet_cache):
+    from nla_core.testing import EchoNLA
+
+    plain = [[{"role": "user", "content": "How do I fix a squeaky door in my old house?"},
+              {"role": "assistant", "content": "Oil the hinges well and then test the door again slowly."}]]
+    fake = SaysNLA(NLA.untrained(tiny, layer=2), "An owl hoots at night.")
+    rec, null, n = measure_contrast_recall(owl_spec(), tiny, fake, conversations=plain)
+    assert (rec, null) == (1.0, 1.0) and n == 4
+    calls = fake.calls
+    measure_contrast_recall(owl_spec(), tiny, fake, conversations=plain)
+    assert fake.calls == calls + 1  # the null's explanations are computed once per NLA
+    # a target that is its base model differs nowhere: nothing explained, recall 0
+    same = owl_spec(id="recall-same", construction={"method": "plain"})
+    echo = EchoNLA(NLA.untrained(tiny, layer=2))
+    assert measure_contrast_recall(same, tiny, echo, conversations=plain)[0] == 0.0
+    assert len(echo.seen) == 1  # only the null was explained
+    control = owl_spec(id="recall-control", control=True, check=None, eval_prompts=[],
+                       construction={"method": "plain"}, ground_truth={"behaviour": "none"})
+    assert measure_contrast_recall(control, tiny, fake, conversations=plain) == (None, None, 0)
+    m = measure_organism(owl_spec(), tiny, layer=2, max_new_tokens=6, n_prompts=1, nla=NLA.untrained(tiny, layer=2))
+    assert 0.0 <= m.contrast_recall <= 1.0 and 0.0 <= m.null_contrast_recall <= 1.0 and m.contrast_n

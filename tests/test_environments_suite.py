@@ -186,10 +186,15 @@ def test_revealed_by_reads_the_signal_chain():
     hidden = specs["gold-secret-implant"].model_copy(deep=True)
     hidden.measured.ordinary_rate, hidden.measured.base_ordinary_rate = 0.0, 0.0
     hidden.measured.concept_recall, hidden.measured.base_concept_recall = 0.0, 0.0
+    hidden.measured.contrast_recall, hidden.measured.null_contrast_recall = 0.05, 0.0
     assert revealed_by(hidden) == ["asking"]  # only its questions bring it out
     hidden.measured.concept_recall = 0.25  # the NLA names it where the base model's does not
     assert revealed_by(hidden) == ["asking", "nla"]
     hidden.measured.behaviour_rate = hidden.measured.base_rate
+    assert revealed_by(hidden) == ["nla"]
+    hidden.measured.concept_recall = 0.0
+    assert revealed_by(hidden) == []
+    hidden.measured.contrast_recall = 0.3  # its contrast readings name it where the null's do not
     assert revealed_by(hidden) == ["nla"]
 
 

@@ -50,3 +50,18 @@ def test_shipped_report_records_content_figures():
     assert len(load_reference_explanations(default_checkpoint())) == 192
     contrast = load_reference_explanations(default_checkpoint(), contrast=True)
     assert len(contrast) == 192 and len(set(contrast)) > 150  # explanations of arbitrary changes, not one template
+
+
+def test_a_contrast_reading_names_what_an_implant_adds_and_its_null_does_not():
+    """The implant adds a "gold" direction at block 8 that ordinary replies never show (its
+    behaviour needs a direct question); the shipped NLA reading its difference from the base
+    model at block 24 names it, and the null (the base activation moved along an arbitrary
+    difference of the same size) does not. `nla organisms measure` records 38% vs 0%."""
+    from environments import get_spec
+    from environments.measure import measure_contrast_recall
+    from nla_core import load_model, load_nla_for
+
+    handle = load_model()  # a fresh handle: the organism's and the NLA's adapters go on it
+    rec, null, n = measure_contrast_recall(get_spec("gold-secret-implant"), handle, load_nla_for(handle))
+    assert n >= 40 and null is not None
+    assert rec >= 0.15 and rec >= null + 0.1, (rec, null)

@@ -28,6 +28,13 @@ def _recall(m) -> str:
     return f"{_fmt(m.concept_recall)} / {_fmt(m.base_concept_recall)}  (n={m.recall_n})"
 
 
+def _contrast(m) -> str:
+    """The same for contrast readings, organism / null."""
+    if m is None or m.contrast_recall is None:
+        return "-"
+    return f"{_fmt(m.contrast_recall)} / {_fmt(m.null_contrast_recall)}  (n={m.contrast_n})"
+
+
 def _load_handles():
     cache: dict[str, object] = {}
 
@@ -70,7 +77,8 @@ def list_cmd(
     table = Table(title=escape(f"organisms: {suite}" + (f" + {organisms}" if organisms else "")))
     table.add_column("id", no_wrap=True)
     for col in ("method", "families", "behaviour (org / base)", "ordinary prompts", "ppl (org / base)",
-                "concept cos (org / base)", "NLA recall (org / base)", "revealed by", "status"):
+                "concept cos (org / base)", "NLA recall (org / base)", "NLA contrast recall (org / null)",
+                "revealed by", "status"):
         table.add_column(col, overflow="fold")
     if truth:
         table.add_column("ground truth", overflow="fold")
@@ -97,6 +105,7 @@ def list_cmd(
             "-" if m is None or m.perplexity is None else f"{m.perplexity:.1f} / {m.base_perplexity:.1f}",
             "-" if m is None or m.concept_cos is None else f"{m.concept_cos:+.3f} / {m.base_concept_cos:+.3f}",
             _recall(m),
+            _contrast(m),
             "-" if s.control or m is None else (", ".join(revealed_by(s)) or "[red]nothing measured[/]"),
             status,
             *([escape(s.ground_truth.behaviour)] if truth else []),
@@ -168,7 +177,15 @@ def measure_cmd(
     import torch
 
     from environments import get_spec, load_suite, save_spec
-    from environments.measure import measure_concept, measure_organism, measure_recall, nla_label, passes, shipped_nla
+    from environments.measure import (
+        measure_concept,
+        measure_contrast_recall,
+        measure_organism,
+        measure_recall,
+        nla_label,
+        passes,
+        shipped_nla,
+    )
     from nla_core.errors import NLAError
     from nla_core.nla import default_layer
 
@@ -219,10 +236,12 @@ def measure_cmd(
             if nla is None:
                 continue
             rec, base_rec, n = measure_recall(spec, handle, nla, reply_tokens=max_new_tokens)
+            crec, null_rec, n_con = measure_contrast_recall(spec, handle, nla, reply_tokens=max_new_tokens)
             r = lambda x: None if x is None else round(x, 4)  # noqa: E731
             m = spec.measured.model_copy(update={
                 "concept_recall": r(rec), "base_concept_recall": r(base_rec), "recall_n": n or None,
-                "recall_nla": nla_label(nla) if n else None})
+                "recall_nla": nla_label(nla) if n else None, "contrast_recall": r(crec),
+                "null_contrast_recall": r(null_rec), "contrast_n": n_con or None})
         else:
             m = measure_organism(spec, handle, n_prompts=prompts, max_new_tokens=max_new_tokens,
                                  nla=nla_for(handle) if recall else None, recall=recall)
@@ -233,7 +252,8 @@ def measure_cmd(
             f"ordinary {_fmt(m.ordinary_rate)} vs {_fmt(m.base_ordinary_rate)}; ppl {ppl}; "
             f"concept cos {_fmt(m.concept_cos, False)} vs {_fmt(m.base_concept_cos, False)}; "
             f"NLA recall {_fmt(m.concept_recall)} vs {_fmt(m.base_concept_recall)}"
-            f"{f' (n={m.recall_n})' if m.recall_n else ''}; {m.seconds or 0:.0f} s; {verdict}"
+            f"{f' (n={m.recall_n})' if m.recall_n else ''}; contrast recall {_fmt(m.contrast_recall)} vs null "
+            f"{_fmt(m.null_contrast_recall)}; {m.seconds or 0:.0f} s; {verdict}"
         ))
         if write and spec.path is not None:
             spec.measured = m
