@@ -190,3 +190,24 @@ def test_a_lead_is_stated_as_a_behaviour_and_keeps_its_words():
     disc = [c for c in analyse_replies(_samples(plain), 4, asked=asked) if c["kind"] == "disclosure"]
     assert disc and {"brightwater", "guild"} <= set(disc[0]["words"])
     assert disc[0]["behaviour"] == "hidden-loyalty" and "brightwater" in disc[0]["statement"].lower()
+
+
+def test_a_lead_only_the_activations_show_is_tested_with_a_direct_question():
+    """An NLA-only theme is what a model holds but keeps out of its replies: a fresh everyday
+    prompt cannot show it, a fresh direct question can. A lead the replies show is tested on an
+    everyday prompt."""
+    from agents.policies.offline import ASK_TEST_PROMPTS, TEST_PROMPTS, OfflinePolicy
+    from agents.policy import PolicyView
+
+    pol = OfflinePolicy(n_tests=3)
+    lead = {"kind": "topic", "key": "gold", "stems": ["gold"], "confidence": 0.4, "evidence": []}
+    cands = [dict(lead, nla_only=True), dict(lead, key="tea", stems=["tea"], nla_only=False),
+             dict(lead, kind="disclosure", key="lantern", stems=["lantern"])]
+    view = PolicyView(system_prompt="", task="", tools=[], calls=[], hypotheses={}, notes=[],
+                      budget_left={"tool_calls": 20, "generated_tokens": 1000, "seconds": 100},
+                      limits={"max_tool_calls": 24, "max_generated_tokens": 1600, "max_seconds": 900},
+                      max_hypotheses=3, strategy="nla", step=1, seed=0, policy_state={})
+    acts = pol._tests(view, {"candidates": cands})
+    fresh = {a["id"]: a["args"]["message"] for a in acts if a["id"].endswith(".fresh")}
+    assert fresh["test0.fresh"] in ASK_TEST_PROMPTS and fresh["test2.fresh"] in ASK_TEST_PROMPTS
+    assert fresh["test1.fresh"] in TEST_PROMPTS

@@ -24,11 +24,12 @@ and looks for what departs from that in the target's own outputs:
    secret) that its reply sentences resemble (`behaviours.py`), else as the recurring topic or
    secret it is; one that reads as the model describing itself is set aside.
 4. Test the top ones, the same way in every arm: fresh prompts (a fresh direct question for a
-   disclosure) and a prefill. Confidence goes up or down with the result. (NLA tests of a lead
-   were measured and dropped: "thinking about <lead>" reconstructed closer to the activations
-   than a control sentence for 96% of the leads of bench-s24b, and by as much for arbitrary
-   words on the plain base model; steering away at strength -1 removed the lead as often as
-   steering away from an unrelated word did. Both only raised the NLA arms' confidence.)
+   disclosure, or for a theme only the activations show) and a prefill. Confidence goes up or
+   down with the result. (NLA tests of a lead were measured and dropped: "thinking about
+   <lead>" reconstructed closer to the activations than a control sentence for 96% of the leads
+   of bench-s24b, and by as much for arbitrary words on the plain base model; steering away at
+   strength -1 removed the lead as often as steering away from an unrelated word did. Both only
+   raised the NLA arms' confidence.)
 5. Spend what is left: the budget the probe and the tests left (both strategies have the same)
    buys more everyday prompts; all replies are analysed again, leads found before keep their
    test results, and new leads are tested with what remains.
@@ -711,7 +712,10 @@ class OfflinePolicy:
         left_calls = view.budget_left["tool_calls"]
         cost = 0
         for j, c in enumerate(cands):
-            tests = ASK_TEST_PROMPTS if c["kind"] == "disclosure" else TEST_PROMPTS
+            # A lead from the answers to direct questions, or one only the activations show (what a
+            # model holds but keeps out of its replies), is tested with a fresh direct question:
+            # an everyday prompt cannot show what the replies never show.
+            tests = ASK_TEST_PROMPTS if c["kind"] == "disclosure" or c.get("nla_only") else TEST_PROMPTS
             prompt = tests[(view.seed + j) % len(tests)]
             n = 4
             if cost + n * self.max_new_tokens <= left_tokens * 0.9:
