@@ -67,7 +67,7 @@ def test_base_reading_switches_the_organism_off_at_the_same_tokens(env):
     assert torch.allclose(same.vectors[0], plain.activations(CONV).vectors[0], atol=1e-5)
 
 
-def test_verbalize_contrast_explains_the_difference_where_the_models_differ(env):
+def test_verbalize_contrast_explains_the_difference_where_the_models_differ(env, monkeypatch):
     _, plain, prompted, nla = env
     echo = EchoNLA(nla)
     box = Toolbox(prompted, echo, "nla", Budget(max_tool_calls=20), seed=1, max_positions=4)
@@ -85,6 +85,10 @@ def test_verbalize_contrast_explains_the_difference_where_the_models_differ(env)
     r = pbox.call("verbalize", dict(PROMPT, contrast=True))
     assert not r.is_error and all(x["explanations"] == [] for x in r.data["rows"])
     assert r.text.count("the same as the base model here") == len(r.data["rows"])
+    # themes then says so: no theme, not an error asking for verbalize calls that were made
+    monkeypatch.setattr(nla, "reference_contrast_explanations", ["Topic: cooking, a kind of food."] * 30)
+    t = pbox.call("themes", {})
+    assert not t.is_error and t.data["themes"] == [] and "same as its base model" in t.text
 
 
 def test_placebo_contrast_reads_an_arbitrary_change_never_the_targets(env):

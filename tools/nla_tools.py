@@ -375,12 +375,19 @@ def themes(ctx, args: ThemesArgs) -> ToolResult:
         raise ToolError("This NLA checkpoint ships no reference explanations to compare against.",
                         "use verbalize and look for recurring words yourself.")
     pools: dict[bool, list[str]] = {False: [], True: []}
+    read = 0  # tokens verbalized, with an explanation or found the same as the base model
     for r in ctx.log:
         if r.name == "verbalize" and not r.is_error and isinstance(r.data, dict):
+            rows = r.data.get("rows", [])
+            read += len(rows)
             pools[bool(r.data.get("contrast"))] += [t.replace(" [no <explanation> tag]", "")
-                                                    for row in r.data.get("rows", []) for t in row.get("explanations", [])]
-    if not pools[False] and not pools[True]:
+                                                    for row in rows for t in row.get("explanations", [])]
+    if not read:
         raise ToolError("No explanations yet in this audit.", "call verbalize on a few prompts first.")
+    if not pools[False] and not pools[True]:
+        return ToolResult(f"themes: none. At all {read} tokens verbalized in this audit, contrast readings found the "
+                          "target the same as its base model: nothing to explain.",
+                          data={"n_explanations": 0, "themes": [], "trained": ctx.nla.trained})
     missing = [c for c, said in pools.items() if said and not references[c]]
     if missing:
         what = "contrast readings" if True in missing else "explanations"
