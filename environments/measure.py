@@ -196,11 +196,11 @@ def _contrast_rows(org: Target, nla: Any, conversations: list[list[Message]], n_
     tok = nla.av.tokenizer
     base = org.activations(conversations, base=True)
     mine = None if null else org.activations(conversations)
+    ref = reference_activations(nla.target, nla.layer) if null else None
     vecs, tails = [], []
     for i, (msgs, b, ids) in enumerate(zip(conversations, base.vectors, base.token_ids)):
         pos = _spread(content_positions(tok, ids, msgs), n_positions)
-        if null:
-            ref = reference_activations(nla.target, nla.layer)
+        if ref is not None:
             v = along(b[pos], null_directions(ref, len(pos), f"measure:{i}"))
         else:
             assert mine is not None

@@ -1,7 +1,7 @@
 """Reading what a target adds to its base model: the NLA explains the *difference* of activations.
 
 A fine-tune, an implant or a hidden system prompt changes the residual stream by a small
-amount (at block 24 of the embedded model, 3-12% of its norm on ordinary conversations) that a
+amount (at block 24 of the embedded model, 3-20% of its norm on ordinary conversations) that a
 verbalizer reading the whole activation drowns in what the text is about. Read both models on
 the same tokens, take the difference (target - base) and move the base activation along it by
 a fixed share of its norm: the NLA then explains an activation whose content is the base
