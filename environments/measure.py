@@ -31,7 +31,8 @@ from .runtime import plant
 from .spec import Measured, OrganismSpec
 from .target import Target
 
-__all__ = ["measure_organism", "measure_concept", "measure_recall", "measure_contrast_recall", "concept_recall",
+__all__ = ["measure_organism", "measure_concept", "measure_recall", "measure_contrast_recall", "recall_figures",
+           "concept_recall",
            "concept_terms", "CONTRAST_CONVERSATIONS",
            "content_positions", "recall_conversations", "shipped_nla", "nla_label", "MIN_LIFT", "passes",
            "RECALL_CONVERSATIONS", "RECALL_POSITIONS", "RECALL_MIN_POSITION", "RECALL_TOKENS", "revealed_by"]
@@ -169,46 +170,31 @@ def recall_conversations(handle: ModelHandle, base: Target, n: int = RECALL_CONV
 
 
 def _explain(target: Target, nla: Any, conversations: list[list[Message]], n_positions: int,
-             max_new_tokens: int) -> list[tuple[str, str]]:
-    """(explanation, tail) at up to `n_positions` content positions of each conversation."""
-    tok = nla.av.tokenizer  # the NLA reads the target's own model, so they share a tokenizer
-    acts = target.activations(conversations)
-    vecs, tails = [], []
-    for msgs, v, ids in zip(conversations, acts.vectors, acts.token_ids):
-        pos = _spread(content_positions(tok, ids, msgs), n_positions)
-        vecs.append(v[pos])
-        # The tail ends at the position itself: the activation has read that token too.
-        tails += [tok.decode(ids[max(0, p - TAIL_TOKENS + 1): p + 1]) for p in pos]
-    if not tails:
-        return []
-    verbs = nla.verbalize(torch.cat(vecs), max_new_tokens=max_new_tokens)
-    return [(v.text, t) for v, t in zip(verbs, tails)]
-
-
-def _contrast_rows(org: Target, nla: Any, conversations: list[list[Message]], n_positions: int, max_new_tokens: int,
-                   null: bool) -> list[tuple[str, str]]:
-    """(explanation, tail) of contrast readings at up to `n_positions` content positions of each
-    conversation: the base activation moved along the organism's difference from it (rows where
-    the two agree are left out), or with `null` along a difference of two reference activations."""
+             max_new_tokens: int, mode: str = "whole") -> list[tuple[str, str]]:
+    """(explanation, tail) at up to `n_positions` content positions of each conversation.
+    `mode`: "whole" explains the target's activation; "contrast" the base model's moved along
+    the target's difference from it (positions where the two agree are left out); "null" the
+    base model's moved along the difference of two reference activations (`nla_core.contrast`)."""
     from nla_core.contrast import MIN_DIFFERENCE, along, null_directions, relative_difference
     from nla_core.reference import reference_activations
 
-    tok = nla.av.tokenizer
-    base = org.activations(conversations, base=True)
-    mine = None if null else org.activations(conversations)
-    ref = reference_activations(nla.target, nla.layer) if null else None
+    tok = nla.av.tokenizer  # the NLA reads the target's own model, so they share a tokenizer
+    acts = target.activations(conversations, base=mode != "whole")
+    mine = target.activations(conversations) if mode == "contrast" else None
+    ref = reference_activations(nla.target, nla.layer) if mode == "null" else None
     vecs, tails = [], []
-    for i, (msgs, b, ids) in enumerate(zip(conversations, base.vectors, base.token_ids)):
+    for i, (msgs, v, ids) in enumerate(zip(conversations, acts.vectors, acts.token_ids)):
         pos = _spread(content_positions(tok, ids, msgs), n_positions)
-        if ref is not None:
-            v = along(b[pos], null_directions(ref, len(pos), f"measure:{i}"))
-        else:
-            assert mine is not None
-            t, bp = mine.vectors[i][pos], b[pos]
-            keep = relative_difference(t, bp) >= MIN_DIFFERENCE
+        v = v[pos]
+        if mine is not None:
+            t = mine.vectors[i][pos]
+            keep = relative_difference(t, v) >= MIN_DIFFERENCE
             pos = [p for p, k in zip(pos, keep.tolist()) if k]
-            v = along(bp[keep], (t - bp)[keep])
+            v = along(v[keep], (t - v)[keep])
+        elif ref is not None:
+            v = along(v, null_directions(ref, len(pos), f"measure:{i}"))
         vecs.append(v)
+        # The tail ends at the position itself: the activation has read that token too.
         tails += [tok.decode(ids[max(0, p - TAIL_TOKENS + 1): p + 1]) for p in pos]
     if not tails:
         return []
@@ -235,12 +221,23 @@ def measure_contrast_recall(spec: OrganismSpec, handle: ModelHandle, nla: Any, *
     key = json.dumps(["contrast-null", nla.layer, convs, n_positions, max_new_tokens])
     cache = _BASE_EXPLAINED.setdefault(nla, {})
     if key not in cache:
-        cache[key] = _contrast_rows(base, nla, convs, n_positions, max_new_tokens, null=True)
-    rows = {"organism": _contrast_rows(org, nla, convs, n_positions, max_new_tokens, null=False), "null": cache[key]}
+        cache[key] = _explain(base, nla, convs, n_positions, max_new_tokens, mode="null")
+    rows = {"organism": _explain(org, nla, convs, n_positions, max_new_tokens, mode="contrast"), "null": cache[key]}
     terms = spec.ground_truth.key_concepts
     rec = concept_recall([e for e, _ in rows["organism"]], [t for _, t in rows["organism"]], terms)
     null = concept_recall([e for e, _ in rows["null"]], [t for _, t in rows["null"]], terms)
     return (0.0 if rec is None else rec), null, len(rows["null"])
+
+
+def recall_figures(spec: OrganismSpec, handle: ModelHandle, nla: Any, *, planted: Any = None,
+                   reply_tokens: int = 40) -> dict[str, Any]:
+    """The `Measured` fields of both recalls (`measure_recall`, `measure_contrast_recall`)."""
+    rec, base_rec, n = measure_recall(spec, handle, nla, planted=planted, reply_tokens=reply_tokens)
+    crec, null_rec, n_con = measure_contrast_recall(spec, handle, nla, planted=planted, reply_tokens=reply_tokens)
+    r = lambda x: None if x is None else round(float(x), 4)  # noqa: E731
+    return {"concept_recall": r(rec), "base_concept_recall": r(base_rec), "recall_n": n or None,
+            "recall_nla": nla_label(nla) if n else None, "contrast_recall": r(crec),
+            "null_contrast_recall": r(null_rec), "contrast_n": n_con or None}
 
 
 # Base-model explanations per NLA, keyed on what they depend on: shared by every organism of a suite.
@@ -377,20 +374,14 @@ def measure_organism(
     tick(3)
     cos, base_cos = measure_concept(spec, handle, layer, org, base)
     tick(4)
-    rec = base_rec = crec = null_rec = None
-    n_rec = n_con = 0
-    if nla is not None:
-        rec, base_rec, n_rec = measure_recall(spec, handle, nla, planted=planted, reply_tokens=max_new_tokens)
-        crec, null_rec, n_con = measure_contrast_recall(spec, handle, nla, planted=planted, reply_tokens=max_new_tokens)
+    recalls = recall_figures(spec, handle, nla, planted=planted, reply_tokens=max_new_tokens) if nla is not None else {}
     tick(5)
     r = lambda x: None if x is None else round(float(x), 4)  # noqa: E731
     return Measured(
         n_prompts=len(eval_prompts), behaviour_rate=r(rate), base_rate=r(base_rate),
         ordinary_rate=r(ordinary), base_ordinary_rate=r(ordinary_base),
         perplexity=r(ppl), base_perplexity=r(base_ppl), concept_cos=r(cos), base_concept_cos=r(base_cos),
-        concept_recall=r(rec), base_concept_recall=r(base_rec), recall_n=n_rec or None,
-        recall_nla=nla_label(nla) if n_rec else None,
-        contrast_recall=r(crec), null_contrast_recall=r(null_rec), contrast_n=n_con or None,
+        **recalls,
         layer=layer, temperature=0.0, max_new_tokens=max_new_tokens, seconds=round(time.time() - started, 1),
         date=_dt.date.today().isoformat(),
     )

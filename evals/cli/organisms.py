@@ -179,11 +179,9 @@ def measure_cmd(
     from environments import get_spec, load_suite, save_spec
     from environments.measure import (
         measure_concept,
-        measure_contrast_recall,
         measure_organism,
-        measure_recall,
-        nla_label,
         passes,
+        recall_figures,
         shipped_nla,
     )
     from nla_core.errors import NLAError
@@ -235,13 +233,7 @@ def measure_cmd(
             nla = nla_for(handle)
             if nla is None:
                 continue
-            rec, base_rec, n = measure_recall(spec, handle, nla, reply_tokens=max_new_tokens)
-            crec, null_rec, n_con = measure_contrast_recall(spec, handle, nla, reply_tokens=max_new_tokens)
-            r = lambda x: None if x is None else round(x, 4)  # noqa: E731
-            m = spec.measured.model_copy(update={
-                "concept_recall": r(rec), "base_concept_recall": r(base_rec), "recall_n": n or None,
-                "recall_nla": nla_label(nla) if n else None, "contrast_recall": r(crec),
-                "null_contrast_recall": r(null_rec), "contrast_n": n_con or None})
+            m = spec.measured.model_copy(update=recall_figures(spec, handle, nla, reply_tokens=max_new_tokens))
         else:
             m = measure_organism(spec, handle, n_prompts=prompts, max_new_tokens=max_new_tokens,
                                  nla=nla_for(handle) if recall else None, recall=recall)
