@@ -211,3 +211,35 @@ def test_a_lead_only_the_activations_show_is_tested_with_a_direct_question():
     fresh = {a["id"]: a["args"]["message"] for a in acts if a["id"].endswith(".fresh")}
     assert fresh["test0.fresh"] in ASK_TEST_PROMPTS and fresh["test2.fresh"] in ASK_TEST_PROMPTS
     assert fresh["test1.fresh"] in TEST_PROMPTS
+
+
+def test_the_budget_too_short_for_more_prompts_tests_the_leads_still_untested():
+    """After the first tests, a budget too small for a second probe round goes to the leads
+    the first tests had no room for; their results change the confidence reported."""
+    from agents.policies.offline import CONF_FLOOR, OfflinePolicy
+    from agents.policy import PolicyView
+
+    pol = OfflinePolicy(n_tests=2)
+    lead = {"kind": "topic", "key": "noise", "stems": ["noise"], "statement": "It keeps bringing up noise.",
+            "confidence": 0.45, "evidence": ["c1"], "hid": "h1", "tested": True, "test_delta": -0.2}
+    cands = [lead, dict(lead, key="gold", stems=["gold"], statement="It keeps bringing up gold.", confidence=0.42,
+                        hid="h2", tested=False),
+             dict(lead, key="faint", stems=["faint"], confidence=CONF_FLOOR - 0.3, hid="h3", tested=False)]
+
+    def view(calls, state):
+        return PolicyView(system_prompt="", task="", tools=[], calls=calls, hypotheses={}, notes=[],
+                          budget_left={"tool_calls": 6, "generated_tokens": 300, "seconds": 100},
+                          limits={"max_tool_calls": 30, "max_generated_tokens": 1500, "max_seconds": 900},
+                          max_hypotheses=3, strategy="behavioural", step=9, seed=0, policy_state=state)
+
+    state = {"phase": "scored", "prompts": ["p"], "candidates": cands}
+    d = pol.decide(view([], state))
+    assert {a["id"] for a in d.actions} == {"r2.test0.fresh", "r2.test0.prefill"}  # only the untested lead above the floor
+    calls = [{"id": "c1"}, {"id": "c9", "ref": "r2.test0.fresh", "data": [{"text": "All that glitters is gold."}] * 4},
+             {"id": "c10", "ref": "r2.test0.prefill", "data": {"continuation": "gold, of course"}}]
+    d = pol.decide(view(calls, d.state))
+    upd = {a["args"]["hypothesis_id"]: a["args"] for a in d.actions}
+    assert set(upd) == {"h2"} and upd["h2"]["confidence"] > 0.42 and "c9" in upd["h2"]["add_evidence"]
+    final = pol.decide(view(calls, d.state)).actions[0]
+    assert final["id"] == "final"
+    assert [h["statement"] for h in final["args"]["hypotheses"]][0] == "It keeps bringing up gold."

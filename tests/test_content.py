@@ -24,7 +24,7 @@ from nla_core.content import (
 from nla_core.errors import NLAError
 from nla_core.training import OfflineSummarizer, Run, preset
 from nla_core.training.grpo import contrastive_logprob
-from nla_core.training.topics import WordNet, topic_documents, wordnet_dir
+from nla_core.training.topics import WordNet, topic_document_ids, topic_documents, wordnet_dir
 
 WN_FIXTURE = Path(__file__).parent / "fixtures" / "wordnet"
 
@@ -148,6 +148,8 @@ def test_topic_documents_one_per_topic_with_terms(tmp_path):
     assert any(d.is_chat for d in docs) and any(not d.is_chat for d in docs)
     assert topic_documents(0, wordnet=wn) == []
     assert [d.doc_id for d in topic_documents(3, seed=1, wordnet=wn)] == [d.doc_id for d in topic_documents(3, seed=1, wordnet=wn)]
+    for n, seed in ((3, 1), (10, 3), (0, 0)):  # which topics a corpus holds, without writing it
+        assert topic_document_ids(n, seed=seed, wordnet=wn) == {d.doc_id for d in topic_documents(n, seed=seed, wordnet=wn)}
 
 
 def test_missing_wordnet_is_a_clear_error(tmp_path, monkeypatch):
@@ -216,6 +218,21 @@ def test_pipeline_with_topics_reports_content(tiny, tmp_path, monkeypatch):
     if rep["n_topics"] >= 2:
         assert 0 <= rep["topic_retrieval"]["top10"] <= 1 and rep["topic_retrieval"]["n_topics"] == rep["n_topics"]
     assert 1 <= rep["n_topics"] <= len(held)
+    rows = [json.loads(x) for x in (run.root / "eval_rl_rows.jsonl").read_text().splitlines()]
+    assert len(rows) == rep["n_heldout"] and rows[0]["explanation"] == rep["examples"][0]["explanation"]
+    # --unseen-by: only held-out topics another corpus lacks; the run's own corpus has them all
+    with pytest.raises(NLAError, match="unseen"):
+        evaluate(run, tiny, stage="rl", progress=False, unseen_by=run.root)
+    smaller = cfg.model_copy(deep=True)
+    smaller.corpus.n_topics = 2
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "config.yaml").write_text(smaller.to_yaml())
+    seen = topic_document_ids(2, seed=cfg.seed)
+    assert {r["doc_id"] for r in rows if r["topic"]} - seen  # the seeds give the smaller corpus other topics
+    sub = evaluate(run, tiny, stage="rl", progress=False, unseen_by=tmp_path / "small")
+    sub_rows = [json.loads(x) for x in (run.root / "eval_rl_unseen_by_small_rows.jsonl").read_text().splitlines()]
+    assert sub_rows and all(r["topic"] and r["doc_id"] not in seen for r in sub_rows)
+    assert sub["n_heldout"] == len(sub_rows) < len(rows) and sub["unseen_by"] == str(tmp_path / "small")
     out = ship_checkpoint(run, run.final("rl"), tmp_path / "ckpt", handle=tiny)
     from nla_core.reference import load_reference_explanations, reference_activations
 

@@ -89,6 +89,8 @@ def test_full_pipeline_with_resume(tiny, tmp_path):
     assert math.isfinite(rep["round_trip_fve"]) and math.isfinite(rep["ar_on_warmstart_summaries_fve"])
     assert 0 <= rep["tag_fraction"] <= 1 and rep["examples"]
     assert (run.root / "eval_rl.json").exists()
+    rows = [json.loads(x) for x in (run.root / "eval_rl_rows.jsonl").read_text().splitlines()]
+    assert len(rows) == rep["n_heldout"] and [r["explanation"] for r in rows[:1]] == [rep["examples"][0]["explanation"]]
 
     # the result is an ordinary NLA checkpoint with the training-set mean
     nla = NLA.load(run.final("rl"), tiny)

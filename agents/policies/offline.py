@@ -32,7 +32,8 @@ and looks for what departs from that in the target's own outputs:
    raised the NLA arms' confidence.)
 5. Spend what is left: the budget the probe and the tests left (both strategies have the same)
    buys more everyday prompts; all replies are analysed again, leads found before keep their
-   test results, and new leads are tested with what remains.
+   test results, and new leads are tested with what remains. When too little is left for more
+   prompts, it tests the next untested leads instead.
 6. Report at most N hypotheses above a confidence floor, or nothing found.
 
 Everything it reports is built from tool outputs; all state lives in `policy_state` (JSON), so a
@@ -633,6 +634,12 @@ class OfflinePolicy:
             if acts:
                 st.update(phase="probed", round=2)
                 return Decision(acts, state=st, thought=f"spend the budget left on {len(acts)} more everyday prompts")
+            # Too little left for more prompts: test the leads the first tests had no room for,
+            # so a lead ranked below a spurious one still gets its test.
+            acts = self._tests(view, st, "r2.")
+            if acts:
+                st.update(phase="tested", round=2)
+                return Decision(acts, state=st, thought="spend the budget left testing the next leads")
         return Decision([self._finish(view, st)], state=st, thought="report")
 
     def _more_probes(self, view: PolicyView, st: dict) -> list[dict]:
@@ -711,12 +718,13 @@ class OfflinePolicy:
         left_tokens = view.budget_left["generated_tokens"]
         left_calls = view.budget_left["tool_calls"]
         cost = 0
+        done = sum(1 for c in st.get("candidates", []) if c.get("tested"))  # later tests use the next prompts
         for j, c in enumerate(cands):
             # A lead from the answers to direct questions, or one only the activations show (what a
             # model holds but keeps out of its replies), is tested with a fresh direct question:
             # an everyday prompt cannot show what the replies never show.
             tests = ASK_TEST_PROMPTS if c["kind"] == "disclosure" or c.get("nla_only") else TEST_PROMPTS
-            prompt = tests[(view.seed + j) % len(tests)]
+            prompt = tests[(view.seed + done + j) % len(tests)]
             n = 4
             if cost + n * self.max_new_tokens <= left_tokens * 0.9:
                 cost += n * self.max_new_tokens

@@ -162,6 +162,8 @@ def eval_cmd(run: Path = RunOpt, stage: str | None = typer.Option(None, "--stage
              n: int | None = typer.Option(None, "-n", help="Held-out activations to use."),
              best_of: int = typer.Option(1, "--best-of", min=1, max=16,
                                          help="Candidate explanations per activation; the AR keeps the closest."),
+             unseen_by: Path | None = typer.Option(
+                 None, "--unseen-by", help="Keep only held-out topics that this run's or checkpoint's corpus lacks."),
              model: str | None = ModelOpt, progress: bool = ProgressOpt,
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Held-out report: round-trip FVE, warm-start FVE, length, copy rate, tag fraction, examples."""
@@ -169,7 +171,8 @@ def eval_cmd(run: Path = RunOpt, stage: str | None = typer.Option(None, "--stage
 
     r = Run.open(run)
     h = _handle(r, model)
-    rep = evaluate(r, h, stage=stage, checkpoint=checkpoint, n=n, progress=progress, best_of=best_of)
+    rep = evaluate(r, h, stage=stage, checkpoint=checkpoint, n=n, progress=progress, best_of=best_of,
+                   unseen_by=unseen_by)
     _show(rep, as_json)
     if not as_json:
         for ex in rep["examples"]:

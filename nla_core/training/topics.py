@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import NLAError
 from .document import Document
 
-__all__ = ["Synset", "WordNet", "topic_documents", "wordnet_dir"]
+__all__ = ["Synset", "WordNet", "topic_document_ids", "topic_documents", "wordnet_dir"]
 
 DEFAULT_WORDNET = Path("/usr/share/wordnet")
 
@@ -154,18 +154,28 @@ def _paragraph(wn: WordNet, lemma: str, s: Synset, rng: random.Random) -> str:
     return " ".join(p for p in parts if p)
 
 
+def _sample_topics(wn: WordNet, n_topics: int, rng: random.Random) -> list[tuple[str, Synset]]:
+    topics = wn.topics()
+    return [topics[i] for i in sorted(rng.sample(range(len(topics)), min(n_topics, len(topics))))]
+
+
+def topic_document_ids(n_topics: int, *, seed: int = 0, wordnet: WordNet | None = None) -> set[str]:
+    """The ids of the documents `topic_documents(n_topics, seed=seed)` writes, without writing
+    them: which topics a corpus contains."""
+    if n_topics <= 0:
+        return set()
+    return {f"topic-{lemma}" for lemma, _ in _sample_topics(wordnet or WordNet(), n_topics, random.Random(seed))}
+
+
 def topic_documents(n_topics: int, *, seed: int = 0, chat_share: float = 0.5, wordnet: WordNet | None = None) -> list[Document]:
     """`n_topics` topic documents (a seeded sample of the WordNet topics, or all of them when
     fewer), half as chats (a user question, the paragraph as the assistant's reply)."""
     if n_topics <= 0:
         return []
     wn = wordnet or WordNet()
-    topics = wn.topics()
     rng = random.Random(seed)
-    chosen = sorted(rng.sample(range(len(topics)), min(n_topics, len(topics))))
     docs = []
-    for i in chosen:
-        lemma, s = topics[i]
+    for lemma, s in _sample_topics(wn, n_topics, rng):
         text = _paragraph(wn, lemma, s, rng)
         terms = sorted({w for w in (x.lower() for x in s.lemmas) if w.isalpha()} | {lemma})
         hyper = s.related(("@", "@i"))
