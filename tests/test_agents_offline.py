@@ -74,7 +74,8 @@ def test_offline_audit_nla_strategy_same_budget(tiny, tmp_path, monkeypatch):
                         "n_prompts": 3, "samples_per_prompt": 2, "max_new_tokens": 12, "n_tests": 1})
     assert rep.status == "finished" and "volcano" in rep.hypotheses[0].statement
     tools = [json.loads(x)["call"]["tool"] for x in open(rep.transcript_path) if '"node": "tools"' in x]
-    assert tools.count("verbalize") == 3 and tools.count("reconstruct") == 1 and "prefill" in tools and "steer" not in tools
+    # 18 calls - 8 for the probe, asks and NLA check - 6 kept for themes and tests: 4 reads (3 first replies, 1 second)
+    assert tools.count("verbalize") == 4 and tools.count("reconstruct") == 1 and "prefill" in tools and "steer" not in tools
 
 
 def test_offline_skips_nla_reads_when_untrained():
@@ -243,3 +244,31 @@ def test_the_budget_too_short_for_more_prompts_tests_the_leads_still_untested():
     final = pol.decide(view(calls, d.state)).actions[0]
     assert final["id"] == "final"
     assert [h["statement"] for h in final["args"]["hypotheses"]][0] == "It keeps bringing up gold."
+
+
+def test_nla_reads_spend_the_calls_the_token_budget_leaves():
+    """Reads generate no target tokens: the calls left after the probe buy reads of further
+    replies (first replies first), keeping the themes call and two rounds of tests aside; a
+    short budget still reads the first reply of each prompt."""
+    from agents.policies.offline import OfflinePolicy
+    from agents.policy import PolicyView
+
+    pol = OfflinePolicy(n_tests=2)
+    prompts = [f"prompt {i}" for i in range(5)]
+    calls = [{"id": f"c{i}", "ref": f"probe{i}", "data": [{"text": f"reply {i}.{k} about something"} for k in range(4)]}
+             for i in range(5)]
+    calls.append({"id": "c9", "ref": "nlacheck", "data": {"trained": True}})
+
+    def reads(calls_left):
+        view = PolicyView(system_prompt="", task="", tools=[], calls=calls, hypotheses={}, notes=[],
+                          budget_left={"tool_calls": calls_left, "generated_tokens": 600, "seconds": 100},
+                          limits={"max_tool_calls": 30, "max_generated_tokens": 1500, "max_seconds": 900},
+                          max_hypotheses=3, strategy="nla", step=2, seed=0,
+                          policy_state={"phase": "probed", "prompts": prompts})
+        return pol._plan_reads(view, {"prompts": prompts})
+
+    many = reads(20)
+    assert [a["id"] for a in many] == [f"read{i}.0" for i in range(5)] + [f"read{i}.1" for i in range(5)]
+    assert many[6]["args"]["reply"] == "reply 1.1 about something" and all(a["args"]["contrast"] for a in many)
+    assert [a["id"] for a in reads(8)] == [f"read{i}.0" for i in range(5)]
+    assert len(reads(40)) == 20  # never more than the replies there are

@@ -6,13 +6,13 @@ and looks for what departs from that in the target's own outputs:
 
 1. Probe: sample replies to a varied set of everyday prompts (the same set and the same cost
    for every strategy). With the `nla` tool set it also verbalizes what the target adds to
-   its base model (a contrast reading, `nla_core/contrast.py`) at content positions inside a
-   few of those replies, then asks `themes` which words the explanations use far more often
-   than the NLA's shipped explanations of arbitrary changes of the same size to the base model
-   answering the same prompts (skipped when the NLA says it is untrained, which one
-   reconstruct call without generation finds out first). Both strategies also ask a few
-   direct questions (a secret, a word it avoids, a hidden goal): such behaviours only show
-   when asked.
+   its base model (a contrast reading, `nla_core/contrast.py`) at content positions inside
+   those replies, as many as the calls left allow (reads generate no target tokens). It then
+   asks `themes` which words the explanations use far more often than the NLA's shipped
+   explanations of arbitrary changes of the same size to the base model answering the same
+   prompts (skipped when the NLA says it is untrained, which one reconstruct call without
+   generation finds out first). Both strategies also ask a few direct questions (a secret, a
+   word it avoids, a hidden goal): such behaviours only show when asked.
 2. Analyse: words and phrases that recur across replies to unrelated prompts although no
    prompt asked for them (and, for the NLA, surprising themes that recur across explanations
    of different prompts), language switches, refusals of harmless requests, typographic
@@ -587,10 +587,8 @@ class OfflinePolicy:
             data = (first or {}).get("data") or {}
             st["nla_trained"] = bool(isinstance(data, dict) and data.get("trained"))
             if st["nla_trained"]:
-                by_ref = {c.get("ref"): c for c in view.calls}
-                reads = [self._read(i, p, (_texts(by_ref[f"probe{i}"]) or [None])[0] if f"probe{i}" in by_ref else None)
-                         for i, p in enumerate(st["prompts"][: self.n_reads])]
-                return Decision(reads, state=st, thought="read the activations inside the replies")
+                reads = self._plan_reads(view, st)
+                return Decision(reads, state=st, thought=f"read the activations inside {len(reads)} replies")
         if phase == "probed" and nla and st.get("nla_trained") and not st.get("themes_planned"):
             st["themes_planned"] = True
             if "themes" in view.tool_names:
@@ -660,15 +658,28 @@ class OfflinePolicy:
                  "args": {"message": p, "n": self.k, "temperature": self.temperature,
                           "max_new_tokens": self.max_new_tokens}} for j, p in enumerate(new)]
 
+    def _plan_reads(self, view: PolicyView, st: dict) -> list[dict]:
+        """Contrast reads inside the probe replies: the first reply of each prompt, then the
+        next ones, as many as the calls left allow once the themes call and two rounds of tests
+        are kept aside (reads generate no target tokens, so the token budget that limits the
+        probe leaves calls over), and at least `n_reads`. More explanations let a concept the
+        NLA names in a few percent of them recur often enough to stand out."""
+        by_ref = {c.get("ref"): c for c in view.calls}
+        replies = {i: _texts(by_ref[f"probe{i}"]) if f"probe{i}" in by_ref else [] for i in range(len(st["prompts"]))}
+        order = [(i, k) for k in range(self.k) for i in range(len(st["prompts"])) if k < max(1, len(replies[i]))]
+        reserve = 1 + 2 * (2 * self.n_tests) + 1  # themes, two rounds of tests (fresh + prefill), one spare
+        n = max(min(self.n_reads, len(st["prompts"])), min(len(order), int(view.budget_left["tool_calls"]) - reserve))
+        return [self._read(i, k, st["prompts"][i], replies[i][k] if k < len(replies[i]) else None) for i, k in order[:n]]
+
     @staticmethod
-    def _read(i: int, prompt: str, reply: str | None) -> dict:
+    def _read(i: int, k: int, prompt: str, reply: str | None) -> dict:
         # Content positions inside a reply the target wrote (counted from its end, so a short
         # reply is read in the user turn). Where the reply starts, the chat template dominates
         # the activation and explanations recur on clean models too. A contrast reading: what
         # the target's activation has that the base model's lacks on the same tokens (its whole
         # activation is mostly the reply's subject, which the replies already show).
         where = {"reply": reply, "positions": list(READ_POSITIONS)} if reply else {"positions": [-3, -2, -1]}
-        return {"id": f"read{i}", "tool": "verbalize", "args": {"prompt": prompt, **where, "n_samples": 1,
+        return {"id": f"read{i}.{k}", "tool": "verbalize", "args": {"prompt": prompt, **where, "n_samples": 1,
                                                               "contrast": True}}
 
     # ---- reading results ------------------------------------------------------------------------
@@ -683,12 +694,13 @@ class OfflinePolicy:
             c = by_ref.get(f"probe{i}")
             if c:
                 samples += [{"prompt": p, "text": t, "call": c["id"]} for t in _texts(c)]
-            r = by_ref.get(f"read{i}")
-            data = (r or {}).get("data") or {}
-            if r and not r.get("is_error") and isinstance(data, dict) and data.get("trained"):
-                for row in data.get("rows", []):
-                    for t in row.get("explanations", []):
-                        expl.append({"prompt": p, "text": t.replace("[no <explanation> tag]", ""), "call": r["id"]})
+            for k in range(self.k):
+                r = by_ref.get(f"read{i}.{k}")
+                data = (r or {}).get("data") or {}
+                if r and not r.get("is_error") and isinstance(data, dict) and data.get("trained"):
+                    for row in data.get("rows", []):
+                        for t in row.get("explanations", []):
+                            expl.append({"prompt": p, "text": t.replace("[no <explanation> tag]", ""), "call": r["id"]})
         return samples, expl, asked
 
     @staticmethod
