@@ -81,7 +81,8 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
     tok = handle.tokenizer
     texts = [v.text for v in rt.verbalizations]
     copy = copy_stats(texts, [r["context"] for r in rows], tok)
-    content = _content_report(texts, summaries, rows, tok, _embedder())
+    tails = _tails(rows, tok)
+    content = _content_report(texts, summaries, rows, tails, _embedder())
     content["topic_probe"] = _topic_probe(ds, handle, mean)
     report = {
         "checkpoint": str(checkpoint),
@@ -120,7 +121,7 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
         {"act_id": r["act_id"], "doc_id": r["doc_id"], "position": r["position"], "topic": r.get("topic"),
          "topic_terms": r.get("topic_terms"), "tail": tail, "explanation": t, "warmstart_summary": s,
          "mse": float(m)}
-        for r, tail, t, s, m in zip(rows, _tails(rows, tok), texts, summaries, rt.mse.tolist())])
+        for r, tail, t, s, m in zip(rows, tails, texts, summaries, rt.mse.tolist())])
     return report
 
 
@@ -168,11 +169,10 @@ def _tails(rows: list[dict], tok: Any) -> list[str]:
     return [tok.decode(tok.encode(r["context"], add_special_tokens=False)[-TAIL_TOKENS:]) for r in rows]
 
 
-def _content_report(texts: list[str], summaries: list[str], rows: list[dict], tok: Any, embed: Any = None) -> dict:
+def _content_report(texts: list[str], summaries: list[str], rows: list[dict], tails: list[str], embed: Any = None) -> dict:
     """Topic recall (and its placebo) on the rows of topic documents, semantic topic retrieval
     when a sentence embedder is given, and the distinct rate; the warm-start summaries' scores
     are the ceiling imitation can give."""
-    tails = _tails(rows, tok)
     ti = [i for i, r in enumerate(rows) if r.get("topic")]
     topics, terms = [rows[i]["topic"] for i in ti], [rows[i]["topic_terms"] for i in ti]
     t_tails = [tails[i] for i in ti]

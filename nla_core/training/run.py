@@ -136,20 +136,20 @@ class Run:
             raise NLAError(f"Stage {stage} has not finished in {self.root}.", f"run `{command}` first.")
         return self.final(stage)
 
-    def write_json(self, name: str, data: Any) -> Path:
+    def _write_text(self, name: str, text: str) -> Path:
+        """Write through a temporary file, so a killed process never leaves half a file."""
         path = self.root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=float))
+        tmp.write_text(text)
         tmp.replace(path)
         return path
 
+    def write_json(self, name: str, data: Any) -> Path:
+        return self._write_text(name, json.dumps(data, indent=2, default=float))
+
     def write_jsonl(self, name: str, rows: list[dict]) -> Path:
-        path = self.root / name
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
-        tmp.replace(path)
-        return path
+        return self._write_text(name, "".join(json.dumps(r, default=float) + "\n" for r in rows))
 
     def read_yaml(self, name: str) -> Any:
         return yaml.safe_load((self.root / name).read_text())
