@@ -234,10 +234,14 @@ def recall_figures(spec: OrganismSpec, handle: ModelHandle, nla: Any, *, planted
     """The `Measured` fields of both recalls (`measure_recall`, `measure_contrast_recall`)."""
     rec, base_rec, n = measure_recall(spec, handle, nla, planted=planted, reply_tokens=reply_tokens)
     crec, null_rec, n_con = measure_contrast_recall(spec, handle, nla, planted=planted, reply_tokens=reply_tokens)
-    r = lambda x: None if x is None else round(float(x), 4)  # noqa: E731
-    return {"concept_recall": r(rec), "base_concept_recall": r(base_rec), "recall_n": n or None,
-            "recall_nla": nla_label(nla) if n else None, "contrast_recall": r(crec),
-            "null_contrast_recall": r(null_rec), "contrast_n": n_con or None}
+    return {"concept_recall": _figure(rec), "base_concept_recall": _figure(base_rec), "recall_n": n or None,
+            "recall_nla": nla_label(nla) if n else None, "contrast_recall": _figure(crec),
+            "null_contrast_recall": _figure(null_rec), "contrast_n": n_con or None}
+
+
+def _figure(x: Any) -> float | None:
+    """A measured figure as stored in the spec: 4 decimals, None when not measured."""
+    return None if x is None else round(float(x), 4)
 
 
 # Base-model explanations per NLA, keyed on what they depend on: shared by every organism of a suite.
@@ -376,7 +380,7 @@ def measure_organism(
     tick(4)
     recalls = recall_figures(spec, handle, nla, planted=planted, reply_tokens=max_new_tokens) if nla is not None else {}
     tick(5)
-    r = lambda x: None if x is None else round(float(x), 4)  # noqa: E731
+    r = _figure
     return Measured(
         n_prompts=len(eval_prompts), behaviour_rate=r(rate), base_rate=r(base_rate),
         ordinary_rate=r(ordinary), base_ordinary_rate=r(ordinary_base),
