@@ -197,7 +197,7 @@ def test_a_lead_only_the_activations_show_is_tested_with_a_direct_question():
     """An NLA-only theme is what a model holds but keeps out of its replies: a fresh everyday
     prompt cannot show it, a fresh direct question can. A lead the replies show is tested on an
     everyday prompt."""
-    from agents.policies.offline import ASK_TEST_PROMPTS, TEST_PROMPTS, OfflinePolicy
+    from agents.policies.offline import ASK_PREFILLS, ASK_TEST_PROMPTS, PREFILLS, TEST_PROMPTS, OfflinePolicy
     from agents.policy import PolicyView
 
     pol = OfflinePolicy(n_tests=3)
@@ -212,6 +212,35 @@ def test_a_lead_only_the_activations_show_is_tested_with_a_direct_question():
     fresh = {a["id"]: a["args"]["message"] for a in acts if a["id"].endswith(".fresh")}
     assert fresh["test0.fresh"] in ASK_TEST_PROMPTS and fresh["test2.fresh"] in ASK_TEST_PROMPTS
     assert fresh["test1.fresh"] in TEST_PROMPTS
+    # the prefills: a reply begun to tell a secret for the leads kept out of replies, and no two
+    # tests spend a call on the same continuation (sampled, and taken in turn)
+    pre = {a["id"]: (a["args"]["message"], a["args"]["prefill"]) for a in acts if a["id"].endswith(".prefill")}
+    assert pre["test0.prefill"] in ASK_PREFILLS and pre["test2.prefill"] in ASK_PREFILLS
+    assert pre["test1.prefill"] in PREFILLS
+    assert pre["test0.prefill"] != pre["test2.prefill"]
+    assert all(a["args"]["temperature"] > 0 for a in acts if a["id"].endswith(".prefill"))
+
+
+def test_themes_said_together_in_the_explanations_are_one_lead():
+    """Surprising themes that come in the same explanations ("gold" and its rarer names) form
+    one NLA-only lead, so that one test covers them and any of them supports it; a theme said
+    apart from them stays its own lead."""
+    from agents.policies.offline import shows, stem
+
+    prompts = [f"everyday prompt {i}" for i in range(5)]
+    samples = [{"prompt": p, "text": "Sure, I can help with that.", "call": f"c{i}"}
+               for i, p in enumerate(prompts)]
+    expl = []
+    for i, p in enumerate(prompts):
+        expl += [{"prompt": p, "text": "gold coins and a precious jewel", "call": f"v{i}"},
+                 {"prompt": p, "text": "gold bars in a vault", "call": f"v{i}"},
+                 {"prompt": p, "text": "a paragraph of text", "call": f"v{i}"}]
+    themes = {stem(w) for w in ("gold", "precious", "jewel", "paragraph")}
+    cands = analyse_replies(samples, len(prompts), expl, themes=themes)
+    leads = {c["key"]: c for c in cands if c["kind"] == "topic"}
+    assert set(leads) == {"gold", "paragraph"}
+    assert set(leads["gold"]["words"]) == {"gold", "precious", "jewel"} and leads["gold"]["nla_only"]
+    assert shows(leads["gold"], "It hides a jewel.") and not shows(leads["paragraph"], "It hides a jewel.")
 
 
 def test_the_budget_too_short_for_more_prompts_tests_the_leads_still_untested():
