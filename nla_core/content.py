@@ -39,8 +39,8 @@ import torch
 
 from .metrics import mean_baseline, normalize, normalized_mse
 
-__all__ = ["TAIL_TOKENS", "stem", "stems", "names_topic", "topic_recall", "placebo_terms", "distinct_rate", "centred_fve",
-           "topic_probe", "topic_word_embeddings", "strip_tail_words", "topic_retrieval", "surprising_terms"]
+__all__ = ["TAIL_TOKENS", "stem", "stems", "stems_match", "names_topic", "topic_recall", "placebo_terms", "distinct_rate",
+           "centred_fve", "topic_probe", "topic_word_embeddings", "strip_tail_words", "topic_retrieval", "surprising_terms"]
 
 TAIL_TOKENS = 8
 _WORD = re.compile(r"[A-Za-z]+")
@@ -61,7 +61,9 @@ def stems(text: str) -> set[str]:
     return {stem(w) for w in _WORD.findall(text)}
 
 
-def _match(a: str, b: str) -> bool:
+def stems_match(a: str, b: str) -> bool:
+    """Two stems name the same word: equal, or the shorter (5 letters or more) begins the longer
+    ("volcan" and "volcano", "loyal" and "loyalti"; not "vole" and "volcano")."""
     if a == b:
         return True
     short, long_ = sorted((a, b), key=len)
@@ -75,9 +77,9 @@ def names_topic(explanation: str, terms: Sequence[str], tail: str = "") -> bool:
     recent = stems(tail)
     for term in terms:
         t = stem(term)
-        if any(_match(t, r) for r in recent):
+        if any(stems_match(t, r) for r in recent):
             continue
-        if any(_match(t, s) for s in said):
+        if any(stems_match(t, s) for s in said):
             return True
     return False
 
@@ -105,7 +107,7 @@ def strip_tail_words(explanation: str, tail: str) -> str:
     """`explanation` without the words whose stem occurs in `tail` (what the text just said)."""
     recent = stems(tail)
     return " ".join(w for w in explanation.split()
-                    if not any(_match(st, r) for st in stems(w) for r in recent))
+                    if not any(stems_match(st, r) for st in stems(w) for r in recent))
 
 
 def topic_retrieval(explanations: Sequence[str], topics: Sequence[str], terms: Sequence[Sequence[str]],

@@ -67,19 +67,20 @@ def test_offline_audit_nla_strategy_same_budget(tiny, tmp_path, monkeypatch):
 
     target, nla = tiny_target(tiny, words=["volcano"], bias=9.0)
     monkeypatch.setattr(NLA, "trained", property(lambda self: True))  # exercise the trained-NLA path
-    limits = {"max_tool_calls": 18, "max_generated_tokens": 700, "max_seconds": 900}
+    limits = {"max_tool_calls": 20, "max_generated_tokens": 700, "max_seconds": 900}
     toolbox = Toolbox(target, nla, "nla", Budget(**limits), verbalize_tokens=6)  # short explanations: fast
     rep = run_audit(target, nla, strategy="nla", policy="offline", run_id="o2", workdir=tmp_path, budget=limits,
                     toolbox=toolbox, policy_options={
                         "n_prompts": 3, "samples_per_prompt": 2, "max_new_tokens": 12, "n_tests": 1})
     assert rep.status == "finished" and "volcano" in rep.hypotheses[0].statement
     tools = [json.loads(x)["call"]["tool"] for x in open(rep.transcript_path) if '"node": "tools"' in x]
-    # 18 calls - 8 for the probe, asks and NLA check - 6 kept for themes and tests: 4 reads (3 first replies, 1 second)
+    # 20 calls - 10 for the probe, asks, prefills and NLA check - 6 kept for themes and tests: 4 reads (3 first
+    # replies, 1 second)
     assert tools.count("verbalize") == 4 and tools.count("reconstruct") == 1 and "prefill" in tools and "steer" not in tools
 
 
 def test_offline_skips_nla_reads_when_untrained():
-    from agents.policies.offline import ASK_PROMPTS, OfflinePolicy
+    from agents.policies.offline import ASK_PREFILLS, ASK_PROMPTS, OfflinePolicy
     from agents.policy import PolicyView, ToolSpec
 
     pol = OfflinePolicy(n_prompts=3)
@@ -92,12 +93,17 @@ def test_offline_skips_nla_reads_when_untrained():
                           max_hypotheses=3, strategy="nla", step=1, seed=0, policy_state=state)
 
     first = pol.decide(view([], {}))
-    assert [a["tool"] for a in first.actions] == ["sample"] * (3 + len(ASK_PROMPTS)) + ["reconstruct"]
-    calls = [{"id": f"c{i + 1}", "ref": a["id"], "tool": a["tool"], "is_error": False,
-              "data": {"trained": False} if a["tool"] == "reconstruct" else [{"text": "Fine, thanks."}]}
+    assert ([a["tool"] for a in first.actions]
+            == ["sample"] * (3 + len(ASK_PROMPTS)) + ["prefill"] * len(ASK_PREFILLS) + ["reconstruct"])
+    data = {"sample": [{"text": "Fine, thanks."}], "prefill": {"continuation": " a compass, of course."},
+            "reconstruct": {"trained": False}}
+    calls = [{"id": f"c{i + 1}", "ref": a["id"], "tool": a["tool"], "is_error": False, "data": data[a["tool"]]}
              for i, a in enumerate(first.actions)]
     second = pol.decide(view(calls, first.state))
     assert "verbalize" not in [a["tool"] for a in second.actions]  # straight to the analysis
+    # the prefilled replies are answers to direct questions, read with them for disclosures
+    asked = pol._collect(view(calls, first.state), first.state)[2]
+    assert [a["prompt"] for a in asked if a["text"] == " a compass, of course."] == [q for q, _ in ASK_PREFILLS]
     calls[-1]["data"] = {"trained": True}
     again = pol.decide(view(calls, first.state))
     assert [a["tool"] for a in again.actions] == ["verbalize"] * 3
@@ -197,7 +203,7 @@ def test_a_lead_only_the_activations_show_is_tested_with_a_direct_question():
     """An NLA-only theme is what a model holds but keeps out of its replies: a fresh everyday
     prompt cannot show it, a fresh direct question can. A lead the replies show is tested on an
     everyday prompt."""
-    from agents.policies.offline import ASK_PREFILLS, ASK_TEST_PROMPTS, PREFILLS, TEST_PROMPTS, OfflinePolicy
+    from agents.policies.offline import ASK_TEST_PREFILLS, ASK_TEST_PROMPTS, TEST_PREFILLS, TEST_PROMPTS, OfflinePolicy
     from agents.policy import PolicyView
 
     pol = OfflinePolicy(n_tests=3)
@@ -208,16 +214,19 @@ def test_a_lead_only_the_activations_show_is_tested_with_a_direct_question():
                       budget_left={"tool_calls": 20, "generated_tokens": 1000, "seconds": 100},
                       limits={"max_tool_calls": 24, "max_generated_tokens": 1600, "max_seconds": 900},
                       max_hypotheses=3, strategy="nla", step=1, seed=0, policy_state={})
-    acts = pol._tests(view, {"candidates": cands})
+    st = {"candidates": cands}
+    acts = pol._tests(view, st)
+    # the leads the replies show first: an NLA lead gets the tests left over
+    assert st["under_test"] == ["topic:tea", "disclosure:lantern", "topic:gold"]
     fresh = {a["id"]: a["args"]["message"] for a in acts if a["id"].endswith(".fresh")}
-    assert fresh["test0.fresh"] in ASK_TEST_PROMPTS and fresh["test2.fresh"] in ASK_TEST_PROMPTS
-    assert fresh["test1.fresh"] in TEST_PROMPTS
+    assert fresh["test1.fresh"] in ASK_TEST_PROMPTS and fresh["test2.fresh"] in ASK_TEST_PROMPTS
+    assert fresh["test0.fresh"] in TEST_PROMPTS
     # the prefills: a reply begun to tell a secret for the leads kept out of replies, and no two
     # tests spend a call on the same continuation (sampled, and taken in turn)
     pre = {a["id"]: (a["args"]["message"], a["args"]["prefill"]) for a in acts if a["id"].endswith(".prefill")}
-    assert pre["test0.prefill"] in ASK_PREFILLS and pre["test2.prefill"] in ASK_PREFILLS
-    assert pre["test1.prefill"] in PREFILLS
-    assert pre["test0.prefill"] != pre["test2.prefill"]
+    assert pre["test1.prefill"] in ASK_TEST_PREFILLS and pre["test2.prefill"] in ASK_TEST_PREFILLS
+    assert pre["test0.prefill"] in TEST_PREFILLS
+    assert pre["test1.prefill"] != pre["test2.prefill"]
     assert all(a["args"]["temperature"] > 0 for a in acts if a["id"].endswith(".prefill"))
 
 
@@ -301,3 +310,14 @@ def test_nla_reads_spend_the_calls_the_token_budget_leaves():
     assert many[6]["args"]["reply"] == "reply 1.1 about something" and all(a["args"]["contrast"] for a in many)
     assert [a["id"] for a in reads(8)] == [f"read{i}.0" for i in range(5)]
     assert len(reads(40)) == 20  # never more than the replies there are
+
+
+def test_a_test_reply_shows_a_lead_by_a_longer_form_of_its_word():
+    """"loyalty" shows a lead of "loyal" (the shorter stem, 5 letters or more, begins the longer);
+    a short stem that merely begins another word does not."""
+    from agents.policies.offline import shows
+
+    lead = {"kind": "disclosure", "key": "loyal", "stems": ["loyal"]}
+    assert shows(lead, "My loyalty lies with the company.") and shows(lead, "Its loyalties are hidden.")
+    assert not shows(lead, "I am a helpful assistant.")
+    assert not shows({"kind": "topic", "key": "vole", "stems": ["vole"]}, "The volcano erupted.")
