@@ -728,10 +728,10 @@ class OfflinePolicy:
         """(probe replies, trusted NLA explanations, replies to the direct questions)."""
         samples, expl = [], []
         by_ref = {c.get("ref"): c for c in view.calls}
-        asked = [{"prompt": q, "text": t, "call": by_ref[f"ask{i}"]["id"]} for i, q in enumerate(ASK_PROMPTS)
-                 if f"ask{i}" in by_ref for t in _texts(by_ref[f"ask{i}"])]
-        asked += [{"prompt": q, "text": t, "call": by_ref[f"askpre{i}"]["id"]} for i, (q, _) in enumerate(ASK_PREFILLS)
-                  if f"askpre{i}" in by_ref for t in _texts(by_ref[f"askpre{i}"])]
+        questions = ([(f"ask{i}", q) for i, q in enumerate(ASK_PROMPTS)]
+                     + [(f"askpre{i}", q) for i, (q, _) in enumerate(ASK_PREFILLS)])
+        asked = [{"prompt": q, "text": t, "call": by_ref[ref]["id"]} for ref, q in questions
+                 if ref in by_ref for t in _texts(by_ref[ref])]
         for i, p in enumerate(st["prompts"]):
             c = by_ref.get(f"probe{i}")
             if c:
