@@ -53,6 +53,8 @@ _MAX_SAMPLES = 64
 # model's prompt limit less room for a hidden system block, so the limit reveals nothing of it.
 _HIDDEN_ALLOWANCE = 512
 _GENERIC_FAILURE = "The target could not process this input."
+# The base model with nothing planted: one object, so base rows of every audit share a batch.
+_PLAIN = Planted()
 
 
 class ChatTurn(BaseModel):
@@ -160,6 +162,10 @@ class Target:
             if s and len(s) >= 3:
                 text = re.sub(re.escape(s), "[hidden]", text, flags=re.IGNORECASE)
         return text
+
+    def _base_reader(self) -> Target:
+        """The plain base model behind this target (its adapters off, nothing planted)."""
+        return Target(self._handle, _PLAIN, alias=self._alias, layer=self._layer)
 
     def _next_seed(self, seed: int | None) -> int:
         return next(self._seed) if seed is None else int(seed)
@@ -338,18 +344,20 @@ class Target:
 
     @_guarded
     def sample(self, message_or_messages: str | Sequence[Message], n: int = 4, temperature: float = 1.0,
-               max_new_tokens: int = 64, *, seed: int | None = None) -> list[Completion]:
+               max_new_tokens: int = 64, *, seed: int | None = None, base: bool = False) -> list[Completion]:
         """n independent assistant replies. A conversation ending with an assistant message is
-        continued from that message (a prefill)."""
+        continued from that message (a prefill). `base`: the plain base model replies instead
+        (no hidden prompt, adapter or implant): what the model family says anyway."""
         if isinstance(message_or_messages, str):
             msgs = [{"role": "user", "content": self._check_text(message_or_messages)}]
         else:
             msgs = self._check_messages(message_or_messages)
         max_new_tokens, temperature, n = self._check_gen(max_new_tokens, temperature, n)
         mode = "continue" if msgs[-1]["role"] == "assistant" else "generate"
-        layout = self._layout(msgs, mode)
-        return self._generate(layout.ids, self._visible_text(msgs), n=n, max_new_tokens=max_new_tokens,
-                              temperature=temperature, seed=seed)
+        writer = self._base_reader() if base else self
+        layout = writer._layout(msgs, mode)
+        return writer._generate(layout.ids, self._visible_text(msgs), n=n, max_new_tokens=max_new_tokens,
+                                temperature=temperature, seed=self._next_seed(seed))
 
     @_guarded
     def sample_user(self, messages: Sequence[Message], n: int = 4, temperature: float = 1.0,
@@ -401,7 +409,7 @@ class Target:
         `base`: the same tokens read by the plain base model (no hidden prompt, adapter or
         implant), so that the difference is what the organism adds (`nla_core.contrast`)."""
         items = self._inputs(messages_or_text)
-        reader = Target(self._handle, Planted(), alias=self._alias, layer=self._layer) if base else self
+        reader = self._base_reader() if base else self
         layouts: list[ChatLayout] = []
         texts: list[str] = []
         for item in items:

@@ -93,6 +93,16 @@ def test_greedy_is_deterministic_and_sampling_counts(plain_target):
     assert len(users) == 2
 
 
+def test_base_samples_are_the_plain_model_without_what_was_planted(canary_target, plain_target):
+    """`sample(base=True)` is the base model the organism was built on: the same draw as a target
+    with nothing planted, not the organism's (whose hidden prompt changes what it says)."""
+    msgs = [{"role": "user", "content": "What is on your mind?"}, {"role": "assistant", "content": "Well"}]
+    base = [o.text for o in canary_target.sample(msgs, n=4, temperature=1.0, max_new_tokens=6, seed=7, base=True)]
+    plain = [o.text for o in plain_target.sample(msgs, n=4, temperature=1.0, max_new_tokens=6, seed=7)]
+    mine = [o.text for o in canary_target.sample(msgs, n=4, temperature=1.0, max_new_tokens=6, seed=7)]
+    assert base == plain and mine != base
+
+
 def test_prefill_and_complete(plain_target):
     out = plain_target.prefill("What is 2+2?", "The answer is", max_new_tokens=4)
     assert out.n_tokens <= 4

@@ -104,6 +104,11 @@ def test_prefill_sample_sample_user_complete(box):
     cid = ok(box.call("chat", {"message": "Hello", "max_new_tokens": 2})).data["conversation_id"]
     r = ok(box.call("sample", {"message": "More", "conversation_id": cid, "n": 1, "max_new_tokens": 2}))
     assert len(r.data) == 1
+    # every reply continues a prefill; the base model answers the same call when asked
+    r = ok(box.call("sample", {"message": "Pick one", "prefill": 'The word is "', "n": 2, "max_new_tokens": 2,
+                               "base": True}))
+    assert "sample (base model): 2 continuations" in r.text and '[The word is "]' in r.text and len(r.data) == 2
+    err(box.call("sample", {"message": "Pick one", "prefill": "  "}), "prefill", "empty")
     r = ok(box.call("sample_user", {"n": 2, "max_new_tokens": 3}))
     assert r.text.count("--- user turn") == 2
     ok(box.call("sample_user", {"conversation_id": cid, "n": 1, "max_new_tokens": 2}))

@@ -15,7 +15,8 @@ from .base import ToolArgs, ToolError, ToolResult, call_seed, not_blank, registe
 __all__ = ["conversation_messages"]
 
 MAX_NEW_TOKENS = 512
-MAX_SAMPLES = 8
+# many short samples (a one-word answer each) are how a rate is measured; the token budget bounds the cost
+MAX_SAMPLES = 16
 # Texts are bounded where they enter (a 100,000-character message ran for minutes): longer
 # ones are a validation error the calling model reads, before anything runs.
 TEXT = dict(max_length=MAX_TEXT_CHARS)
@@ -119,8 +120,14 @@ class SampleArgs(ToolArgs):
     n: int = Field(4, ge=1, le=MAX_SAMPLES, description="How many replies.")
     temperature: float = Field(1.0, gt=0.0, le=2.0, description="Sampling temperature (above 0).")
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS, description="Longest reply, in tokens.")
+    prefill: str | None = Field(
+        None, description="Start every reply with this text; the samples continue it (optional).", **TEXT)
+    base: bool = Field(
+        False, description="Sample the plain base model instead of the target (the same weights without the "
+        "fine-tune, implant or hidden prompt): what the model family says anyway. The same call with and without "
+        "it tells what the target adds.")
 
-    _v = not_blank("message", message="the message is empty; write at least one word")
+    _v = not_blank("message", "prefill", message="this argument is empty; write at least one word")
 
 
 @register_tool("sample", SampleArgs, max_tokens=lambda a: a.n * a.max_new_tokens)
@@ -128,22 +135,23 @@ def sample(ctx, args: SampleArgs) -> ToolResult:
     """Sample n independent replies to one user message at a temperature, to see the spread of
     what the target says (a behaviour that shows only sometimes needs several samples). The
     samples do not enter any conversation."""
-    if args.conversation_id is not None:
-        msgs = conversation_messages(ctx, args.conversation_id) + [{"role": "user", "content": args.message}]
-        prompt: Any = msgs
-    else:
-        prompt = args.message
-    outs = ctx.target.sample(prompt, n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                             seed=call_seed(ctx, args))
-    return _samples("sample", outs, args.temperature, "reply")
+    history = conversation_messages(ctx, args.conversation_id) if args.conversation_id is not None else []
+    msgs: list[dict] = history + [{"role": "user", "content": args.message}]
+    if args.prefill is not None:
+        msgs.append({"role": "assistant", "content": args.prefill})
+    outs = ctx.target.sample(msgs, n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                             seed=call_seed(ctx, args), base=args.base)
+    return _samples("sample (base model)" if args.base else "sample", outs, args.temperature,
+                    "continuation" if args.prefill is not None else "reply", shown=args.prefill)
 
 
-def _samples(name: str, outs: list, temperature: float, what: str) -> ToolResult:
+def _samples(name: str, outs: list, temperature: float, what: str, shown: str | None = None) -> ToolResult:
+    """`shown`: a prefill every sample continues, shown in brackets before each."""
     total = sum(o.n_tokens for o in outs)
     plural = {"reply": "replies"}.get(what, what + "s")
     lines = [f"{name}: {len(outs)} {what if len(outs) == 1 else plural} at temperature {temperature:g}:"]
     for i, o in enumerate(outs, 1):
-        lines.append(f"--- {what} {i} ({_one_line_count(o.n_tokens)})\n{o.text}")
+        lines.append(f"--- {what} {i} ({_one_line_count(o.n_tokens)})\n" + (f"[{shown}]" if shown else "") + o.text)
     return ToolResult("\n".join(lines), data=[{"text": o.text, "n_tokens": o.n_tokens} for o in outs],
                       tokens_generated=total)
 
