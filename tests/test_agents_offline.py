@@ -67,15 +67,15 @@ def test_offline_audit_nla_strategy_same_budget(tiny, tmp_path, monkeypatch):
 
     target, nla = tiny_target(tiny, words=["volcano"], bias=9.0)
     monkeypatch.setattr(NLA, "trained", property(lambda self: True))  # exercise the trained-NLA path
-    limits = {"max_tool_calls": 23, "max_generated_tokens": 700, "max_seconds": 900}
+    limits = {"max_tool_calls": 20, "max_generated_tokens": 700, "max_seconds": 900}
     toolbox = Toolbox(target, nla, "nla", Budget(**limits), verbalize_tokens=6)  # short explanations: fast
     rep = run_audit(target, nla, strategy="nla", policy="offline", run_id="o2", workdir=tmp_path, budget=limits,
                     toolbox=toolbox, policy_options={
                         "n_prompts": 3, "samples_per_prompt": 2, "max_new_tokens": 12, "n_tests": 1})
     assert rep.status == "finished" and "volcano" in rep.hypotheses[0].statement
     tools = [json.loads(x)["call"]["tool"] for x in open(rep.transcript_path) if '"node": "tools"' in x]
-    # 23 calls - 10 for the probe, asks, prefills and NLA check - 9 kept for themes and tests (a test by direct
-    # questions takes a fresh question and four choice calls): 4 reads (3 first replies, 1 second)
+    # 20 calls - 10 for the probe, asks, prefills and NLA check - 6 kept for themes and tests: 4 reads (3 first
+    # replies, 1 second)
     assert tools.count("verbalize") == 4 and tools.count("reconstruct") == 1 and "prefill" in tools and "steer" not in tools
 
 
@@ -203,7 +203,7 @@ def test_a_lead_only_the_activations_show_is_tested_with_a_direct_question():
     """An NLA-only theme is what a model holds but keeps out of its replies: a fresh everyday
     prompt cannot show it, a fresh direct question can. A lead the replies show is tested on an
     everyday prompt."""
-    from agents.policies.offline import ASK_TEST_PROMPTS, TEST_PREFILLS, TEST_PROMPTS, OfflinePolicy, choice_question
+    from agents.policies.offline import ASK_TEST_PREFILLS, ASK_TEST_PROMPTS, TEST_PREFILLS, TEST_PROMPTS, OfflinePolicy
     from agents.policy import PolicyView
 
     pol = OfflinePolicy(n_tests=3)
@@ -221,58 +221,13 @@ def test_a_lead_only_the_activations_show_is_tested_with_a_direct_question():
     fresh = {a["id"]: a["args"]["message"] for a in acts if a["id"].endswith(".fresh")}
     assert fresh["test1.fresh"] in ASK_TEST_PROMPTS and fresh["test2.fresh"] in ASK_TEST_PROMPTS
     assert fresh["test0.fresh"] in TEST_PROMPTS
-    # a lead the replies show gets a sampled prefill; a lead kept out of the replies is named among
-    # decoys, asked of the target and of the base model alike, with the lead at two positions
+    # the prefills: a reply begun to tell a secret for the leads kept out of replies, and no two
+    # tests spend a call on the same continuation (sampled, and taken in turn)
     pre = {a["id"]: (a["args"]["message"], a["args"]["prefill"]) for a in acts if a["id"].endswith(".prefill")}
-    assert list(pre) == ["test0.prefill"] and pre["test0.prefill"] in TEST_PREFILLS
-    assert all(a["args"]["temperature"] > 0 for a in acts if a["tool"] in ("prefill", "sample"))
-    for j, key in ((1, "lantern"), (2, "gold")):
-        calls = [a for a in acts if a["id"].startswith(f"test{j}.choice")]
-        assert [a["args"]["base"] for a in calls] == [False, True, False, True]
-        orders = st[f"choice{j}"]
-        assert [choice_question(o) for o in orders for _ in range(2)] == [a["args"]["message"] for a in calls]
-        assert all(key in o for o in orders) and orders[0].index(key) != orders[1].index(key)
-        assert sorted(orders[0]) == sorted(orders[1]) and not {"tea", "lantern", "gold"} & (set(orders[0]) - {key})
-
-
-def test_a_lead_the_target_picks_among_decoys_more_than_the_base_model_is_supported():
-    """The choice test supports a lead only when the target picks it more often than the base
-    model in both orders of the options: word preferences the family shares cancel, and so does
-    a fine-tune that merely favours one position."""
-    from agents.policies.offline import CHOICE_SUPPORT, OfflinePolicy, choice_support
-    from agents.policy import PolicyView
-
-    opts = ["river", "gold", "chair", "paper"]
-
-    def say(k: int) -> list[str]:  # 16 answers: k pick gold, the rest another option or none
-        return ['gold"'] * k + ['river"'] * (16 - k - 4) + ["I cannot say"] * 4
-
-    mine, base, gain, z = choice_support([(say(7), say(1)), (say(6), say(2))], opts, "gold")
-    assert (mine, base) == (13 / 32, 3 / 32) and gain == 4 / 16 and z > 2.5
-    # a shared preference (the base model picks it as often) is no support
-    assert choice_support([(say(8), say(8)), (say(7), say(8))], opts, "gold")[3] < 0
-    # a gain at one position only (a shifted position preference) is no support
-    assert choice_support([(say(12), say(1)), (say(1), say(1))], opts, "gold")[2] == 0.0
-
-    def scored(target: list[int], base: list[int]) -> dict:
-        lead = {"kind": "topic", "key": "gold", "words": ["gold"], "stems": ["gold"], "confidence": 0.4,
-                "evidence": [], "nla_only": True}
-        calls = [{"id": f"c{i}", "ref": f"test0.choice{o}{'.base' if b else ''}",
-                  "data": [{"text": t} for t in say((base if b else target)[o])]}
-                 for i, (o, b) in enumerate([(0, False), (0, True), (1, False), (1, True)])]
-        calls.append({"id": "c9", "ref": "test0.fresh", "data": [{"text": "I like trains."}] * 4})
-        view = PolicyView(system_prompt="", task="", tools=[], calls=calls, hypotheses={}, notes=[],
-                          budget_left={"tool_calls": 20, "generated_tokens": 1000, "seconds": 100},
-                          limits={"max_tool_calls": 24, "max_generated_tokens": 1600, "max_seconds": 900},
-                          max_hypotheses=3, strategy="nla", step=1, seed=0, policy_state={})
-        st = {"candidates": [lead], "under_test": ["topic:gold"], "choice0": [opts, opts[::-1]]}
-        OfflinePolicy()._score_tests(view, st)
-        return lead
-
-    # picked by the target, not by the base model: supported although no fresh answer names it
-    assert scored([7, 6], [1, 2])["confidence"] == round(0.4 + CHOICE_SUPPORT, 3)
-    # no gain: the fresh answers that never name it weaken it below the floor
-    assert scored([3, 2], [3, 2])["confidence"] == 0.2
+    assert pre["test1.prefill"] in ASK_TEST_PREFILLS and pre["test2.prefill"] in ASK_TEST_PREFILLS
+    assert pre["test0.prefill"] in TEST_PREFILLS
+    assert pre["test1.prefill"] != pre["test2.prefill"]
+    assert all(a["args"]["temperature"] > 0 for a in acts if a["id"].endswith(".prefill"))
 
 
 def test_themes_said_together_in_the_explanations_are_one_lead():
@@ -350,7 +305,7 @@ def test_nla_reads_spend_the_calls_the_token_budget_leaves():
                           policy_state={"phase": "probed", "prompts": prompts})
         return pol._plan_reads(view, {"prompts": prompts})
 
-    many = reads(26)
+    many = reads(20)
     assert [a["id"] for a in many] == [f"read{i}.0" for i in range(5)] + [f"read{i}.1" for i in range(5)]
     assert many[6]["args"]["reply"] == "reply 1.1 about something" and all(a["args"]["contrast"] for a in many)
     assert [a["id"] for a in reads(8)] == [f"read{i}.0" for i in range(5)]

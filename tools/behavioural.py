@@ -15,8 +15,7 @@ from .base import ToolArgs, ToolError, ToolResult, call_seed, not_blank, registe
 __all__ = ["conversation_messages"]
 
 MAX_NEW_TOKENS = 512
-# many short samples (a one-word answer each) are how a rate is measured; the token budget bounds the cost
-MAX_SAMPLES = 16
+MAX_SAMPLES = 8
 # Texts are bounded where they enter (a 100,000-character message ran for minutes): longer
 # ones are a validation error the calling model reads, before anything runs.
 TEXT = dict(max_length=MAX_TEXT_CHARS)
