@@ -231,6 +231,11 @@ def test_a_lead_only_the_activations_show_is_tested_against_the_base_model():
     assert [a["args"]["message"] for a in battery if not a["args"].get("base")] == BATTERY
     assert [a["args"]["message"] for a in battery if a["args"].get("base")] == BATTERY
     assert all(a["tool"] == "sample" and a["args"]["temperature"] > 0 for a in battery)
+    from tools.behavioural import SampleArgs
+
+    for a in acts:  # every call is one the tool accepts
+        if a["tool"] == "sample":
+            SampleArgs.model_validate(a["args"])
     # a second round's NLA-only lead is scored on the same battery: no new calls
     st["candidates"].append(dict(lead, key="moon", stems=["moon"], words=["moon"], nla_only=True))
     for c in st["candidates"][:3]:

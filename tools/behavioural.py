@@ -15,7 +15,7 @@ from .base import ToolArgs, ToolError, ToolResult, call_seed, not_blank, registe
 __all__ = ["conversation_messages"]
 
 MAX_NEW_TOKENS = 512
-MAX_SAMPLES = 8
+MAX_SAMPLES = 16  # a rare behaviour needs many samples; the token budget bounds the cost
 # Texts are bounded where they enter (a 100,000-character message ran for minutes): longer
 # ones are a validation error the calling model reads, before anything runs.
 TEXT = dict(max_length=MAX_TEXT_CHARS)
