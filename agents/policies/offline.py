@@ -136,7 +136,10 @@ CONTROL_SENTENCE = "The assistant is giving a helpful, ordinary answer to the us
 # side measurement on bench-s38's leads (8 answers of 24 tokens to each question) every hint was
 # within the first 17 words.
 BATTERY = ASK_PROMPTS + ASK_TEST_PROMPTS
-BATTERY_SAMPLES = 10
+# As many answers as one `sample` call gives. Against a base model that never names the lead,
+# the target must name it in 5 answers whatever their number; at 10 answers a question a lead
+# named in 4 of 60 (p 0.059) was missed, and 96 answers raise the expected count by 60%.
+BATTERY_SAMPLES = 16
 BATTERY_TOKENS = 16
 BATTERY_ALPHA = 0.05
 BATTERY_MIN_HITS = 3
@@ -710,9 +713,9 @@ class OfflinePolicy:
         what they show (one fresh sample and one more call per test)."""
         per_prompt = self.k * self.max_new_tokens
         left = view.budget_left
+        # No battery reserve: the NLA is read in the first round only, so its leads were tested
+        # there; an NLA arm without one spends the rest as the behavioural arm does.
         reserve, reserve_calls = self.n_tests * 5 * self.max_new_tokens, 3 + 3 * self.n_tests
-        if st.get("nla_trained") and not st.get("battery"):  # new NLA-only leads need the battery
-            reserve, reserve_calls = reserve + BATTERY_COST, reserve_calls + 2 * len(BATTERY)
         unused = [p for p in PROBE_PROMPTS if p not in st["prompts"]]
         n = min(len(unused), int((left["generated_tokens"] - reserve) // per_prompt),
                 int(left["tool_calls"]) - reserve_calls)
