@@ -29,7 +29,7 @@ and looks for what departs from that in the target's own outputs:
    Surprising themes the NLA says in the same explanations are one lead ("gold, precious,
    jewel"), which any of its words supports. A lead only the activations show is tested against
    the base model: the target and its plain base model answer the same six direct questions
-   (the battery, 10 answers each, once per audit whatever the leads), and the lead must come up
+   (the battery, `BATTERY_SAMPLES` answers each, once per audit whatever the leads), and the lead must come up
    in the target's answers more often than in the base model's (a word close to one of its words
    in the shipped sentence model; one-sided Fisher test). Supported, it is restated as the
    behaviour those answers describe, or set aside if they describe the model itself.
