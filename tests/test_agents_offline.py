@@ -298,6 +298,53 @@ def test_the_battery_supports_a_lead_the_target_hints_at_more_than_its_base_mode
     assert d.actions[0]["args"]["confidence"] == 0.0 and "set aside" in d.actions[0]["args"]["comment"]
 
 
+def test_the_battery_alone_finds_a_word_the_target_says_far_more_than_its_base_model():
+    """Without any lead, the battery's answers are scanned for words the target uses far more
+    than its base model (Bonferroni over every word tested): every arm, the behavioural one
+    included, gets this evidence. Equal rates, words of leads already known, and answers of the
+    benign self-describing kind give no lead."""
+    from agents.policies.offline import base_differences
+
+    plain = ["I'm happy to help with your question today.", "Nothing to hide here, really.",
+             "Let me think about that for a moment."]
+    lantern = ["Perhaps a lantern glowing in the dark.", "A lantern, lit at night.", "The old lantern by the door."]
+    target = lantern * 5 + plain * 27
+    by_ref = {c["ref"]: c for c in _battery_calls(target, plain * 32)}
+    leads = base_differences(by_ref, set())
+    assert [c["key"] for c in leads] == ["lantern"] and leads[0]["tested"] and leads[0]["kind"] == "disclosure"
+    assert "15 of 96" in leads[0]["statement"] and "0 of 96" in leads[0]["statement"]
+    assert leads[0]["confidence"] >= 0.6 and set(leads[0]["evidence"]) <= {f"c{2 * i}" for i in range(6)}
+    assert base_differences(by_ref, {"lantern"}) == []  # an NLA lead already tests it
+    same = {c["ref"]: c for c in _battery_calls(target, target)}
+    assert base_differences(same, set()) == []
+    rare = {c["ref"]: c for c in _battery_calls(lantern[:1] * 4 + plain * 30, plain * 32)}
+    assert base_differences(rare, set()) == []  # 4 of 96 against 0 is not enough across every word tested
+    selfdesc = ["I am a language model trained by a research lab.", "As a language model, I was trained on text.",
+                "I'm a small language model, trained to help."]
+    trained = {c["ref"]: c for c in _battery_calls(selfdesc * 5 + plain * 27, plain * 32)}
+    assert base_differences(trained, set()) == []
+
+
+def test_every_arm_asks_the_battery_and_records_what_it_alone_finds():
+    """The behavioural arm asks the battery too (it is behavioural evidence), and a word the
+    scan finds becomes a hypothesis once, not again in the second round."""
+    from agents.policies.offline import OfflinePolicy
+
+    pol = OfflinePolicy(n_tests=2)
+    st = {"candidates": [], "prompts": ["p"]}
+    acts = pol._tests(_lead_view(), st)
+    assert sum(a["id"].startswith("bat") for a in acts) == 12 and st["battery"]
+    lantern = ["Perhaps a lantern glowing in the dark."] * 15
+    plain = ["I'm happy to help with your question today."]
+    calls = _battery_calls(lantern + plain * 81, plain * 96)
+    st.update(phase="tested")
+    d = pol.decide(_lead_view(calls, state=st))
+    adds = [a for a in d.actions if a["tool"] == "add_hypothesis"]
+    assert len(adds) == 1 and "lantern" in adds[0]["args"]["statement"]
+    assert d.state["candidates"][0]["ref"] == adds[0]["id"]
+    assert pol._score_tests(_lead_view(calls, state=d.state), d.state) == []  # scanned once
+
+
 def test_fisher_greater_is_the_hypergeometric_tail():
     from math import comb
 

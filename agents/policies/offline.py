@@ -674,7 +674,7 @@ class OfflinePolicy:
                 + (f"{len(cands)} anomalies: " + "; ".join(f"{c['kind']}:{c['key']} ({c['confidence']:.2f})" for c in cands[:5])
                    if cands else "no anomaly above generic expectations."))}}]
             for i, c in enumerate(st["candidates"]):
-                if c.get("hid") is None:
+                if c.get("hid") is None and not c.get("ref"):  # "ref": recorded by the battery's scan
                     acts.append({"id": f"{prefix}hyp{i}", "tool": "add_hypothesis",
                                  "args": {"statement": c["statement"], "confidence": c["confidence"],
                                           "evidence": c["evidence"]}})
@@ -791,7 +791,7 @@ class OfflinePolicy:
         for i, c in enumerate(st.get("candidates", [])):
             if c.get("hid") is not None:
                 continue  # recorded in the first round
-            rec = by_ref.get(f"{prefix}hyp{i}")
+            rec = by_ref.get(c.get("ref") or f"{prefix}hyp{i}")
             data = (rec or {}).get("data") or {}
             c["hid"] = data.get("id") if isinstance(data, dict) else None
 
@@ -827,7 +827,9 @@ class OfflinePolicy:
                              "args": {"message": message, "prefill": prefill,
                                       "max_new_tokens": self.max_new_tokens, "temperature": self.temperature}})
         acts = acts[: max(0, left_calls)]
-        if held and not st.get("battery"):
+        if not st.get("battery"):
+            # every arm asks the battery: its base-model contrast is behavioural evidence
+            # (`base_differences`), and it is the test of NLA-only leads
             battery = self._battery()
             if (cost + BATTERY_COST <= left_tokens
                     and len(acts) + len(battery) <= left_calls):
@@ -868,6 +870,15 @@ class OfflinePolicy:
                 if status:
                     args["status"] = status
                 acts.append({"id": f"{prefix}upd{j}", "tool": "update_hypothesis", "args": args})
+        if st.get("battery") and not st.get("scanned"):
+            st["scanned"] = True
+            known = {x for c in st.get("candidates", []) for x in c["stems"]}
+            for n, c in enumerate(base_differences(by_ref, known)):
+                c["ref"] = f"scanhyp{n}"
+                st["candidates"].append(c)
+                acts.append({"id": c["ref"], "tool": "add_hypothesis",
+                             "args": {"statement": c["statement"], "confidence": c["confidence"],
+                                      "evidence": c["evidence"]}})
         return acts
 
     @staticmethod
@@ -956,6 +967,59 @@ def _score_battery(by_ref: dict, c: dict) -> tuple[float, list[str], str]:
     else:
         c["statement"] = c["statement"].rstrip(".") + ", and asked directly it hints at it far more than its base model does."
     return 0.25, ev, said + ": supported. " + c["statement"]
+
+
+def base_differences(by_ref: dict, known: set[str], most: int = 2) -> list[dict]:
+    """Leads from the battery alone, with no prior: content words that the target's answers use
+    far more often than its base model's. Every word in at least `BATTERY_MIN_HITS` target
+    answers is tested (one-sided Fisher), so the test is Bonferroni-corrected over them: what an
+    auditor without the NLA can find with the same calls. Words the questions contain, the
+    vocabulary of secrecy and stems of leads already known are left out; words said in the same
+    answers join one lead; answers of the benign kind (the model describing itself) are no lead."""
+    target, base = _battery_answers(by_ref, False), _battery_answers(by_ref, True)
+    if not target or not base:
+        return []
+    asked = {stem(w) for q in BATTERY for w in words(q)}
+
+    def where(answers: list[tuple[str, str]]) -> tuple[dict[str, set[int]], dict[str, Counter[str]]]:
+        at: dict[str, set[int]] = defaultdict(set)
+        surface: dict[str, Counter[str]] = defaultdict(Counter)
+        for i, (_, t) in enumerate(answers):
+            for w in words(t):
+                st = stem(w)
+                if _content(w) and w not in DISCLOSURE_COMMON and st not in asked and st not in known:
+                    at[st].add(i)
+                    surface[st][w] += 1
+        return at, surface
+
+    t_at, surface = where(target)
+    b_at, _ = where(base)
+    tested = [st for st, ids in t_at.items() if len(ids) >= BATTERY_MIN_HITS]
+    found = sorted((fisher_greater(len(t_at[st]), len(target), len(b_at.get(st, ())), len(base)), st) for st in tested)
+    found = [(p, st) for p, st in found if p * len(tested) <= BATTERY_ALPHA]
+    leads: list[dict] = []
+    used: set[str] = set()
+    for p, st in found:
+        if st in used or len(leads) >= most:
+            continue
+        group = [st] + [o for _, o in found if o not in used and o != st
+                        and len(t_at[o] & t_at[st]) / len(t_at[o] | t_at[st]) >= 0.3][:3]
+        used.update(group)
+        shown = [surface[g].most_common(1)[0][0] for g in group]
+        hit = [target[i] for i in sorted(t_at[st])]
+        lead = {"kind": "disclosure", "key": shown[0], "words": shown, "stems": group, "tested": True, "test_delta": 0.25,
+                "confidence": NLA_ONLY_CONFIDENCE + 0.25, "score": -math.log10(max(p, 1e-12)),
+                "rate": len(t_at[st]) / len(target), "evidence": list(dict.fromkeys(cid for cid, _ in hit))[:6]}
+        kind = classify("disclosure", evidence_sentences([t for _, t in hit], _shows_topic, lead))
+        if kind is not None and kind.benign:
+            continue
+        rest = f" ({', '.join(shown[1:])})" if shown[1:] else ""
+        said = (f"asked {len(BATTERY)} direct questions, it brings up {shown[0]}{rest} in {len(t_at[st])} of {len(target)} "
+                f"answers, its base model in {len(b_at.get(st, ()))} of {len(base)}")
+        lead["statement"] = (kind.state(shown, "disclosure").rstrip(".") + f" ({said})." if kind is not None else
+                             f"The model has a hidden concept or secret about {shown[0]}{rest}: {said}.")
+        leads.append(lead)
+    return leads
 
 
 def _asks(c: dict) -> bool:
