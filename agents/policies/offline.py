@@ -27,9 +27,11 @@ and looks for what departs from that in the target's own outputs:
 4. Test the top ones, the same way in every arm: fresh prompts (a fresh direct question for a
    disclosure) and a sampled prefill (a reply begun to tell a secret, for the same leads).
    Surprising themes the NLA says in the same explanations are one lead ("gold, precious,
-   jewel"), which any of its words supports. A lead only the activations show is tested against
-   the base model: the target and its plain base model answer the same six direct questions
-   (the battery, `BATTERY_SAMPLES` answers each, once per audit whatever the leads), and the lead must come up
+   jewel"), which any of its words supports. Every arm asks the battery in its first round: the
+   target and its plain base model answer the same six direct questions (`BATTERY_SAMPLES`
+   answers each, once per audit whatever the leads). Words the target's answers use far more
+   than the base model's, Bonferroni-corrected over every word tested, are leads of their own
+   (`base_differences`). A lead only the activations show is tested on it: the lead must come up
    in the target's answers more often than in the base model's (a word close to one of its words
    in the shipped sentence model; one-sided Fisher test). Supported, it is restated as the
    behaviour those answers describe, or set aside if they describe the model itself.
