@@ -30,7 +30,7 @@ class UnknownStrategyError(NLAError):
 # Only tool calls and generated tokens: they fix the work whatever the machine's load. A wall-time
 # cap (`max_seconds`) is opt-in; an audit it cuts short says so and is counted apart.
 DEFAULT_BUDGETS: dict[str, dict[str, float]] = {
-    "offline": {"max_tool_calls": 44, "max_generated_tokens": 4500},
+    "offline": {"max_tool_calls": 56, "max_generated_tokens": 7600},
     "llm": {"max_tool_calls": 40, "max_generated_tokens": 20000},
 }
 
