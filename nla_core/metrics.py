@@ -18,8 +18,9 @@ def normalize(v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
 
 
 def normalized_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-row MSE [n] after rescaling both to norm sqrt(d)."""
-    return ((normalize(pred.float()) - normalize(target.float())) ** 2).mean(dim=-1)
+    """Per-row MSE [n] after rescaling both to norm sqrt(d), on `pred`'s device (a GPU model's
+    reconstructions against activations kept on the CPU)."""
+    return ((normalize(pred.float()) - normalize(target.to(pred.device).float())) ** 2).mean(dim=-1)
 
 
 def mean_baseline(vectors: torch.Tensor, mean: torch.Tensor | None = None) -> float:

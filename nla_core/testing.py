@@ -6,6 +6,7 @@ weights with tiny widths, so every code path (chat templates, markers, PEFT) run
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -28,8 +29,11 @@ def embedded_tokenizer() -> Any:
     return _TOKENIZER
 
 
-def tiny_handle(arch: str = "llama", *, n_layers: int = 4, d_model: int = 64, seed: int = 0, **overrides: Any) -> ModelHandle:
-    """A random `arch` causal LM with `n_layers` blocks of width `d_model`, wrapped in a handle.
+def tiny_handle(arch: str = "llama", *, n_layers: int = 4, d_model: int = 64, seed: int = 0, device: str | None = None,
+                **overrides: Any) -> ModelHandle:
+    """A random `arch` causal LM with `n_layers` blocks of width `d_model`, wrapped in a handle,
+    on `device` (default: `$NLA_AUDIT_TEST_DEVICE`, else the CPU; `NLA_AUDIT_TEST_DEVICE=cuda
+    pytest ...` runs the tiny-model tests on a GPU).
 
     `gemma3` builds the multimodal wrapper (`Gemma3ForConditionalGeneration`) with a tiny
     vision tower, to exercise the nested decoder path.
@@ -60,6 +64,7 @@ def tiny_handle(arch: str = "llama", *, n_layers: int = 4, d_model: int = 64, se
         model = tf.Gemma3ForConditionalGeneration(cfg)
     else:
         raise ValueError(f"unknown tiny arch {arch!r}; choose from {TINY_ARCHS}")
+    model.to(device or os.environ.get("NLA_AUDIT_TEST_DEVICE") or "cpu")
     return handle_from(model, tok, f"tiny-{arch}")
 
 

@@ -12,7 +12,7 @@ from nla_core.testing import tiny_handle
 
 def _hidden_states(h, ids):
     with torch.no_grad():
-        return h.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        return h.model(input_ids=torch.tensor([ids], device=h.device), output_hidden_states=True).hidden_states
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text", "gemma3"])
@@ -24,7 +24,7 @@ def test_read_matches_hidden_states_plus_one(arch):
     hs = _hidden_states(h, ids)
     assert acts.site == "blocks.2.resid_post"
     assert acts.vectors[0].shape == (len(ids), h.d_model)
-    torch.testing.assert_close(acts.vectors[0], hs[3][0].float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(acts.vectors[0], hs[3][0].float().cpu(), rtol=1e-4, atol=1e-4)  # activations come back on the CPU
 
 
 def test_early_exit_skips_later_blocks(tiny):
@@ -56,7 +56,7 @@ def test_exception_inside_hook_context_leaves_no_hook(tiny):
     assert count_hooks(tiny.model) == before
     with pytest.raises(InjectionError):  # a failing hook also cleans up
         with inject_at_marker(tiny.embed, torch.ones(1, tiny.d_model), marker_id=5, left_id=6, right_id=7):
-            tiny.model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+            tiny.model(input_ids=torch.tensor([[1, 2, 3, 4]], device=tiny.device))
     assert count_hooks(tiny.model) == before
 
 
@@ -113,8 +113,8 @@ def test_steering_only_touches_chosen_positions(tiny):
 
 
 def test_marker_injection_requires_neighbours(tiny):
-    vec = torch.randn(2, tiny.d_model)
-    ids = torch.tensor([[10, 11, 12, 13, 14], [11, 12, 13, 10, 10]])  # marker 12 between 11 and 13
+    vec = torch.randn(2, tiny.d_model, device=tiny.device)
+    ids = torch.tensor([[10, 11, 12, 13, 14], [11, 12, 13, 10, 10]], device=tiny.device)  # marker 12 between 11 and 13
     with inject_at_marker(tiny.embed, vec, marker_id=12, left_id=11, right_id=13):
         out = tiny.embed(ids)
     plain = tiny.embed(ids)
@@ -123,7 +123,7 @@ def test_marker_injection_requires_neighbours(tiny):
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[0, 2] = mask[1, 1] = False
     torch.testing.assert_close(out[mask], plain[mask])
-    lonely = torch.tensor([[10, 12, 10, 10]])  # the marker without its neighbours: not a site
+    lonely = torch.tensor([[10, 12, 10, 10]], device=tiny.device)  # the marker without its neighbours: not a site
     with pytest.raises(InjectionError, match="exactly one marker"):
         with inject_at_marker(tiny.embed, vec[:1], marker_id=12, left_id=11, right_id=13):
             tiny.embed(lonely)
@@ -132,8 +132,8 @@ def test_marker_injection_requires_neighbours(tiny):
 def test_marker_injection_into_some_rows_leaves_the_others_alone(tiny):
     """In a batch shared with another call's rows (which need not hold a marker), only the
     named rows are injected."""
-    vec = torch.randn(1, tiny.d_model)
-    ids = torch.tensor([[10, 10, 10, 10, 10], [10, 11, 12, 13, 14], [11, 12, 13, 10, 10]])
+    vec = torch.randn(1, tiny.d_model, device=tiny.device)
+    ids = torch.tensor([[10, 10, 10, 10, 10], [10, 11, 12, 13, 14], [11, 12, 13, 10, 10]], device=tiny.device)
     plain = tiny.embed(ids)
     with inject_at_marker(tiny.embed, vec, marker_id=12, left_id=11, right_id=13, rows=[1]):
         out = tiny.embed(ids)

@@ -58,7 +58,7 @@ def test_best_of_keeps_the_candidate_the_ar_reconstructs_best(tiny):
 def test_injection_changes_what_the_av_sees(tiny):
     nla = NLA.untrained(tiny, layer=2)
     a, b = _acts(tiny, n=2)
-    ids = torch.tensor([nla.actor_prompt()])
+    ids = torch.tensor([nla.actor_prompt()], device=tiny.device)
 
     def next_token_logits(v):
         with nla.injection(v[None]), torch.no_grad():

@@ -17,9 +17,9 @@ def contrastive_logprob(pred: torch.Tensor, own: torch.Tensor, candidates: torch
     """InfoNCE: log-softmax over `candidates` [m, d] of cosine(pred_i, candidate) / temperature,
     taken at each row's own activation `own[i]` (an index into `candidates`). [n]"""
     p = torch.nn.functional.normalize(pred.float(), dim=-1)
-    c = torch.nn.functional.normalize(candidates.float(), dim=-1)
+    c = torch.nn.functional.normalize(candidates.to(pred.device).float(), dim=-1)
     logits = p @ c.T / temperature  # [n, m]
-    return torch.log_softmax(logits, dim=-1).gather(-1, own.long()[:, None])[:, 0]
+    return torch.log_softmax(logits, dim=-1).gather(-1, own.to(pred.device).long()[:, None])[:, 0]
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -52,7 +52,7 @@ def grpo_loss(
     are averaged, then sequences are averaged."""
     mask = mask.float()
     ratio = torch.exp(logp - logp.detach())
-    per_tok = -advantages.float()[:, None] * ratio
+    per_tok = -advantages.to(logp.device).float()[:, None] * ratio  # rewards are scored on the CPU
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     per_tok = per_tok + kl_coef * kl
     lengths = mask.sum(dim=1).clamp_min(1)

@@ -169,7 +169,7 @@ def _score(nla: NLA, gens: list[Generation], v: torch.Tensor, vg: torch.Tensor, 
         # with grad: the same forward serves the reward and the AR's first step
         with trainable(nla.ar, nla.ar_adapter), autocast(cfg):
             pred = nla.predict([bodies[i] or "" for i in tagged])
-        mse[tagged] = normalized_mse(pred.detach(), vg[tagged])
+        mse[tagged] = normalized_mse(pred.detach(), vg[tagged]).cpu()  # rewards live on the CPU
     rewards = rewards_from_mse(mse, has_tag, r.missing_tag_reward)
     nce = None
     if pred is not None and r.contrastive_weight > 0:
@@ -177,7 +177,7 @@ def _score(nla: NLA, gens: list[Generation], v: torch.Tensor, vg: torch.Tensor, 
         others = [i for i in batch_indices(len(sp), r.contrastive_negatives + len(idx), step, cfg.seed + 3) if i not in idx]
         cands = torch.cat([v, sp.vectors[others[: r.contrastive_negatives]]])
         own = torch.as_tensor(tagged) // r.group_size
-        nce = contrastive_logprob(pred.detach(), own, cands, r.contrastive_temperature)
+        nce = contrastive_logprob(pred.detach(), own, cands, r.contrastive_temperature).cpu()
         w = r.contrastive_weight
         rewards[tagged] = (1 - w) * rewards[tagged] + w * nce
     return _Scores(bodies, has_tag, tagged, mse, pred, rewards, nce)
