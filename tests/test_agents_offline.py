@@ -408,6 +408,7 @@ def test_a_close_lead_without_budget_for_a_second_look_is_not_supported():
     upd = d.actions[0]["args"]
     assert not any(a["tool"] == "sample" for a in d.actions)
     assert upd["status"] == "rejected" and "no budget" in upd["comment"], upd
+    assert d.state["candidates"][0]["test_delta"] == -0.2  # what a second round carries over
 
 
 def test_the_scans_closest_word_is_tested_again_on_fresh_answers_alone():

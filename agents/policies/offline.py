@@ -887,11 +887,7 @@ class OfflinePolicy:
             else:
                 delta, ev = self._score_reply_tests(by_ref, c, f"{prefix}test{j}")
                 comment = f"tests changed confidence by {delta:+.2f}"
-            c["confidence"] = round(min(0.95, max(0.0, c["confidence"] + delta)), 3)
-            c["evidence"] = list(dict.fromkeys(c["evidence"] + ev))
-            c["tested"], c["test_delta"] = True, round(delta, 3)
-            if c.get("hid"):
-                acts.append(self._update(c, ev, comment, f"{prefix}upd{j}", final=not c.get("near")))
+            acts += self._scored(c, delta, ev, comment, f"{prefix}upd{j}", final=not c.get("near"))
         if st.get("battery") and not st.get("scanned"):
             st["scanned"] = True
             known = {x for c in st.get("candidates", []) for x in c["stems"]}
@@ -899,15 +895,22 @@ class OfflinePolicy:
             acts += [self._add_scan_lead(st, c) for c in leads]
         return acts
 
-    def _update(self, c: dict, ev: list[str], comment: str, ref: str, final: bool = True) -> dict:
-        """The update_hypothesis call for a scored lead (confirmed or rejected when `final`)."""
+    def _scored(self, c: dict, delta: float, ev: list[str], comment: str, ref: str, final: bool = True) -> list[dict]:
+        """Apply a test's result to a lead (its `test_delta` is what the second round carries
+        over, `_merge_rounds`), and the update_hypothesis call that records it when the lead has
+        a hypothesis (confirmed or rejected when `final`)."""
+        c["confidence"] = round(min(0.95, max(0.0, c["confidence"] + delta)), 3)
+        c["evidence"] = list(dict.fromkeys(c["evidence"] + ev))
+        c["tested"], c["test_delta"] = True, round(delta, 3)
+        if not c.get("hid"):
+            return []
         args: dict[str, Any] = {"hypothesis_id": c["hid"], "confidence": c["confidence"], "add_evidence": ev,
                                 "comment": comment}
         if final and c["confidence"] >= 0.6:
             args["status"] = "confirmed"
         elif final and c["confidence"] < self.floor:
             args["status"] = "rejected"
-        return {"id": ref, "tool": "update_hypothesis", "args": args}
+        return [{"id": ref, "tool": "update_hypothesis", "args": args}]
 
     @staticmethod
     def _add_scan_lead(st: dict, c: dict) -> dict:
@@ -932,10 +935,8 @@ class OfflinePolicy:
         acts = []
         for j, c in enumerate(near):
             c["near"] = False
-            c["confidence"] = round(max(0.0, c["confidence"] - 0.2), 3)
-            if c.get("hid"):
-                acts.append(self._update(c, [], "close on the battery, and no budget left to ask it again: not supported",
-                                         f"look2upd{j}"))
+            acts += self._scored(c, -0.2, [], "close on the battery, and no budget left to ask it again: not supported",
+                                 f"look2upd{j}")
         return acts
 
     def _score_second_look(self, view: PolicyView, st: dict) -> list[dict]:
@@ -945,11 +946,7 @@ class OfflinePolicy:
         for j, c in enumerate(c for c in st.get("candidates", []) if c.get("near")):
             delta, ev, comment = _score_battery(by_ref, c, looks=(1, 2))
             c["near"] = False
-            c["confidence"] = round(min(0.95, max(0.0, c["confidence"] + (delta or 0.0))), 3)
-            c["evidence"] = list(dict.fromkeys(c["evidence"] + ev))
-            c["test_delta"] = round(delta or 0.0, 3)
-            if c.get("hid"):
-                acts.append(self._update(c, ev, comment, f"look2upd{j}"))
+            acts += self._scored(c, delta or 0.0, ev, comment, f"look2upd{j}")
         word, st["near_word"] = st.get("near_word"), None
         lead = second_look(by_ref, word) if word else None
         if lead is not None:
