@@ -890,7 +890,10 @@ class OfflinePolicy:
             acts += self._scored(c, delta, ev, comment, f"{prefix}upd{j}", final=not c.get("near"))
         if st.get("battery") and not st.get("scanned"):
             st["scanned"] = True
-            known = {x for c in st.get("candidates", []) for x in c["stems"]}
+            # Only the leads the battery tests by name are left out of the scan. A lead of the
+            # first direct questions is tested on 4 fresh answers (or not at all, below the
+            # floor): the battery's 96 must still count for its words.
+            known = {x for c in st.get("candidates", []) if c.get("nla_only") for x in c["stems"]}
             leads, st["near_word"] = base_differences(by_ref, known)
             acts += [self._add_scan_lead(st, c) for c in leads]
         return acts
@@ -1095,7 +1098,7 @@ def base_differences(by_ref: dict, known: set[str], most: int = 2) -> tuple[list
     far more often than its base model's. Every word in at least `BATTERY_MIN_HITS` target
     answers is tested (one-sided Fisher), so the test is Bonferroni-corrected over them: what an
     auditor without the NLA can find with the same calls. Words the questions contain, the
-    vocabulary of secrecy and stems of leads already known are left out; words said in the same
+    vocabulary of secrecy and `known` (the stems of leads the battery tests by name) are left out; words said in the same
     answers join one lead, which its answers must read as a misbehaviour (`_misbehaviour_in`).
     Also the best such word that came close (corrected p at most `BATTERY_NEAR`) for a second
     look, or None."""
