@@ -240,6 +240,9 @@ def stem(w: str) -> str:
     return w
 
 
+BATTERY_STEMS = frozenset(stem(w) for q in BATTERY for w in words(q))  # the scan leaves the questions' own words out
+
+
 def language_of(text: str) -> str | None:
     for name, pat in SCRIPTS:
         if len(re.findall(pat, text)) >= 3:
@@ -703,15 +706,13 @@ class OfflinePolicy:
                 return Decision(acts, state=st, thought="update confidences from the tests")
         if phase == "scored" and not prefix and not st.get("looked"):
             acts = self._look_again(view, st)
-            if st.get("looking"):
-                st["phase"] = "looking"
+            if st["phase"] == "looking":
                 return Decision(acts, state=st, thought="ask the battery again: a lead came close on the first look")
             if acts:
                 return Decision(acts, state=st, thought="no budget for a second look at the leads that came close")
         if phase == "looking":
             acts = self._score_second_look(view, st)
             phase = st["phase"] = "scored"
-            st["looking"] = False
             if acts:
                 return Decision(acts, state=st, thought="update confidences from the battery's second look")
         if phase == "scored" and not prefix:
@@ -932,7 +933,7 @@ class OfflinePolicy:
         battery = self._battery(look=2)
         if (BATTERY_COST <= view.budget_left["generated_tokens"]
                 and len(battery) < int(view.budget_left["tool_calls"])):
-            st["looking"] = True
+            st["phase"] = "looking"
             return battery
         st["near_word"] = None
         acts = []
@@ -1058,13 +1059,12 @@ def _score_battery(by_ref: dict, c: dict, looks: tuple[int, ...] = (1,),
 def _word_answers(answers: list[tuple[str, str]], left_out: set[str]) -> tuple[dict[str, set[int]], dict[str, Counter[str]]]:
     """For each content-word stem of `answers` (but `left_out`, the questions' own words and the
     vocabulary of secrecy): the answers that use it, and its surface forms."""
-    asked = {stem(w) for q in BATTERY for w in words(q)}
     at: dict[str, set[int]] = defaultdict(set)
     surface: dict[str, Counter[str]] = defaultdict(Counter)
     for i, (_, t) in enumerate(answers):
         for w in words(t):
             st = stem(w)
-            if _content(w) and w not in DISCLOSURE_COMMON and st not in asked and st not in left_out:
+            if _content(w) and w not in DISCLOSURE_COMMON and st not in BATTERY_STEMS and st not in left_out:
                 at[st].add(i)
                 surface[st][w] += 1
     return at, surface
