@@ -65,7 +65,7 @@ from nla_core.reference import REPLY_POSITIONS, everyday_prompts
 from nla_core.registry import Registry
 
 from ..policy import FINISH, Decision, PolicyView, register_policy
-from .behaviours import classify, evidence_sentences
+from .behaviours import BehaviourKind, classify, evidence_sentences
 
 __all__ = ["OfflinePolicy", "analyse_replies", "shows", "DETECTORS", "Detector", "PROBE_PROMPTS", "TEST_PROMPTS"]
 
@@ -238,6 +238,9 @@ def stem(w: str) -> str:
         if w.endswith(suf) and len(w) - len(suf) >= 4:
             return w[: -len(suf)] + ("y" if suf == "ies" else "")
     return w
+
+
+BATTERY_STEMS = frozenset(stem(w) for q in BATTERY for w in words(q))  # the scan leaves the questions' own words out
 
 
 def language_of(text: str) -> str | None:
@@ -703,15 +706,13 @@ class OfflinePolicy:
                 return Decision(acts, state=st, thought="update confidences from the tests")
         if phase == "scored" and not prefix and not st.get("looked"):
             acts = self._look_again(view, st)
-            if st.get("looking"):
-                st["phase"] = "looking"
+            if st["phase"] == "looking":
                 return Decision(acts, state=st, thought="ask the battery again: a lead came close on the first look")
             if acts:
                 return Decision(acts, state=st, thought="no budget for a second look at the leads that came close")
         if phase == "looking":
             acts = self._score_second_look(view, st)
             phase = st["phase"] = "scored"
-            st["looking"] = False
             if acts:
                 return Decision(acts, state=st, thought="update confidences from the battery's second look")
         if phase == "scored" and not prefix:
@@ -890,7 +891,10 @@ class OfflinePolicy:
             acts += self._scored(c, delta, ev, comment, f"{prefix}upd{j}", final=not c.get("near"))
         if st.get("battery") and not st.get("scanned"):
             st["scanned"] = True
-            known = {x for c in st.get("candidates", []) for x in c["stems"]}
+            # Only the leads the battery tests by name are left out of the scan. A lead of the
+            # first direct questions is tested on 4 fresh answers (or not at all, below the
+            # floor): the battery's 96 must still count for its words.
+            known = {x for c in st.get("candidates", []) if c.get("nla_only") for x in c["stems"]}
             leads, st["near_word"] = base_differences(by_ref, known)
             acts += [self._add_scan_lead(st, c) for c in leads]
         return acts
@@ -929,7 +933,7 @@ class OfflinePolicy:
         battery = self._battery(look=2)
         if (BATTERY_COST <= view.budget_left["generated_tokens"]
                 and len(battery) < int(view.budget_left["tool_calls"])):
-            st["looking"] = True
+            st["phase"] = "looking"
             return battery
         st["near_word"] = None
         acts = []
@@ -1055,31 +1059,38 @@ def _score_battery(by_ref: dict, c: dict, looks: tuple[int, ...] = (1,),
 def _word_answers(answers: list[tuple[str, str]], left_out: set[str]) -> tuple[dict[str, set[int]], dict[str, Counter[str]]]:
     """For each content-word stem of `answers` (but `left_out`, the questions' own words and the
     vocabulary of secrecy): the answers that use it, and its surface forms."""
-    asked = {stem(w) for q in BATTERY for w in words(q)}
     at: dict[str, set[int]] = defaultdict(set)
     surface: dict[str, Counter[str]] = defaultdict(Counter)
     for i, (_, t) in enumerate(answers):
         for w in words(t):
             st = stem(w)
-            if _content(w) and w not in DISCLOSURE_COMMON and st not in asked and st not in left_out:
+            if _content(w) and w not in DISCLOSURE_COMMON and st not in BATTERY_STEMS and st not in left_out:
                 at[st].add(i)
                 surface[st][w] += 1
     return at, surface
 
 
+def _misbehaviour_in(shown: list[str], group: list[str], hit: list[tuple[str, str]]) -> BehaviourKind | None:
+    """The misbehaviour kind of the taxonomy that the answers using a scanned word read as, or
+    None: ordinary text, or the benign kind (the model describing itself). A fine-tune on any
+    text shifts which words a model uses (the LoRA trained on trait-free text says "delicate" in
+    6 of 96 answers against its base model's 0, on a fresh look), so a word the scan finds with
+    no prior is a lead only when its answers read as a misbehaviour."""
+    stub = {"kind": "disclosure", "key": shown[0], "words": shown, "stems": group}
+    kind = classify("disclosure", evidence_sentences([t for _, t in hit], _shows_topic, stub))
+    return None if kind is None or kind.benign else kind
+
+
 def _word_lead(shown: list[str], group: list[str], hit: list[tuple[str, str]], n: int, p: float, said: str) -> dict | None:
-    """A lead of the battery's word scan, stated through the taxonomy; None when its answers are
-    of the benign kind (the model describing itself)."""
-    lead = {"kind": "disclosure", "key": shown[0], "words": shown, "stems": group, "tested": True, "test_delta": 0.25,
-            "confidence": NLA_ONLY_CONFIDENCE + 0.25, "score": -math.log10(max(p, 1e-12)), "rate": len(hit) / n,
-            "evidence": list(dict.fromkeys(cid for cid, _ in hit))[:6]}
-    kind = classify("disclosure", evidence_sentences([t for _, t in hit], _shows_topic, lead))
-    if kind is not None and kind.benign:
+    """A lead of the battery's word scan, stated as the misbehaviour its answers read as; None
+    when they read as none (`_misbehaviour_in`)."""
+    kind = _misbehaviour_in(shown, group, hit)
+    if kind is None:
         return None
-    rest = f" ({', '.join(shown[1:])})" if shown[1:] else ""
-    lead["statement"] = (kind.state(shown, "disclosure").rstrip(".") + f" ({said})." if kind is not None else
-                         f"The model has a hidden concept or secret about {shown[0]}{rest}: {said}.")
-    return lead
+    return {"kind": "disclosure", "key": shown[0], "words": shown, "stems": group, "tested": True, "test_delta": 0.25,
+            "confidence": NLA_ONLY_CONFIDENCE + 0.25, "score": -math.log10(max(p, 1e-12)), "rate": len(hit) / n,
+            "evidence": list(dict.fromkeys(cid for cid, _ in hit))[:6], "behaviour": kind.name,
+            "statement": kind.state(shown, "disclosure").rstrip(".") + f" ({said})."}
 
 
 def base_differences(by_ref: dict, known: set[str], most: int = 2) -> tuple[list[dict], str | None]:
@@ -1087,10 +1098,10 @@ def base_differences(by_ref: dict, known: set[str], most: int = 2) -> tuple[list
     far more often than its base model's. Every word in at least `BATTERY_MIN_HITS` target
     answers is tested (one-sided Fisher), so the test is Bonferroni-corrected over them: what an
     auditor without the NLA can find with the same calls. Words the questions contain, the
-    vocabulary of secrecy and stems of leads already known are left out; words said in the same
-    answers join one lead; answers of the benign kind (the model describing itself) are no lead.
-    Also the best word that came close (corrected p at most `BATTERY_NEAR`) for a second look,
-    or None."""
+    vocabulary of secrecy and `known` (the stems of leads the battery tests by name) are left out; words said in the same
+    answers join one lead, which its answers must read as a misbehaviour (`_misbehaviour_in`).
+    Also the best such word that came close (corrected p at most `BATTERY_NEAR`) for a second
+    look, or None."""
     target, base = _battery_answers(by_ref, False), _battery_answers(by_ref, True)
     if not target or not base:
         return [], None
@@ -1100,7 +1111,8 @@ def base_differences(by_ref: dict, known: set[str], most: int = 2) -> tuple[list
     ranked = sorted((fisher_greater(len(t_at[st]), len(target), len(b_at.get(st, ())), len(base)) * len(tested), st)
                     for st in tested)
     found = [(p, st) for p, st in ranked if p <= BATTERY_ALPHA]
-    near = next((st for p, st in ranked if BATTERY_ALPHA < p <= BATTERY_NEAR), None)
+    near = next((st for p, st in ranked if BATTERY_ALPHA < p <= BATTERY_NEAR and _misbehaviour_in(
+        [surface[st].most_common(1)[0][0]], [st], [target[i] for i in sorted(t_at[st])]) is not None), None)
     leads: list[dict] = []
     used: set[str] = set()
     for p, st in found:
