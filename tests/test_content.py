@@ -217,6 +217,7 @@ def test_pipeline_with_topics_reports_content(tiny, tmp_path, monkeypatch):
         assert rep[key] is not None and math.isfinite(rep[key]), key
     if rep["n_topics"] >= 2:
         assert 0 <= rep["topic_retrieval"]["top10"] <= 1 and rep["topic_retrieval"]["n_topics"] == rep["n_topics"]
+    assert rep["notes"] == []
     assert 1 <= rep["n_topics"] <= len(held)
     rows = [json.loads(x) for x in (run.root / "eval_rl_rows.jsonl").read_text().splitlines()]
     assert len(rows) == rep["n_heldout"] and rows[0]["explanation"] == rep["examples"][0]["explanation"]
@@ -242,8 +243,17 @@ def test_pipeline_with_topics_reports_content(tiny, tmp_path, monkeypatch):
     heldout = json.loads((out / "training_report.json").read_text())["heldout"]
     assert {"fve", "fve_centred", "topic_recall", "topic_recall_placebo", "distinct_rate"} <= set(heldout)
     assert heldout["fve"] == rep["round_trip_fve"]
-    # shipping an earlier stage records that stage's figures, not the latest stage's
+    # shipping an earlier stage records that stage's figures, not the latest stage's; without the
+    # sentence-embedding wheel, topic retrieval is left out and the report says why
+    import nla_core.training.evaluation as evaluation
+
+    def no_wheel():
+        raise NLAError("The sentence-embedding wheel is not installed.", "install it.")
+
+    monkeypatch.setattr(evaluation, "get_embedder", no_wheel)
     warm = evaluate(run, tiny, stage="av_warmstart", progress=False)
+    assert warm["topic_retrieval"] is None and warm["topic_recall"] is not None
+    assert len(warm["notes"]) == 1 and "topic_retrieval left out" in warm["notes"][0] and "not installed" in warm["notes"][0]
     out = ship_checkpoint(run, run.final("av_warmstart"), tmp_path / "ckpt-warm")
     assert json.loads((out / "training_report.json").read_text())["heldout"]["fve"] == warm["round_trip_fve"]
 

@@ -429,7 +429,7 @@ def _find_topics(probe: Probe, found: list[dict[str, Any]]) -> list[dict[str, An
         group = [st] + (_related(ws.in_sample, ws.spread, st, used) if frac >= 0.5
                         else _related(ws.in_expl, ws.nla_spread, st, used, nested=True))
         used.update(group)
-        shown = [ws.surface[g].most_common(1)[0][0] for g in group]
+        shown = [_usual_form(ws.surface, g) for g in group]
         head = shown[0]
         rest = ", ".join(shown[1:])
         conf = min(0.9, 0.25 + 0.5 * frac + 0.25 * nfrac + 0.1 * min(1.0, rate * 2))
@@ -548,7 +548,7 @@ def _find_disclosures(probe: Probe, found: list[dict[str, Any]]) -> list[dict[st
         # the words said with it in the same answers name the secret better than one word
         group = [st] + [o for o in _related(ws.in_sample, ws.spread, st, used | known) if o in spread]
         used.update(group)
-        shown = [surface[g].most_common(1)[0][0] for g in group]
+        shown = [_usual_form(surface, g) for g in group]
         head = shown[0]
         rest = f" ({', '.join(shown[1:])})" if shown[1:] else ""
         also = f" (its activations on unrelated prompts are about {head} too)" if st in themes else ""
@@ -1070,6 +1070,16 @@ def _word_answers(answers: list[tuple[str, str]], left_out: set[str]) -> tuple[d
     return at, surface
 
 
+def _usual_form(surface: dict[str, Counter[str]], st: str) -> str:
+    """The form of a stem that the answers use most."""
+    return surface[st].most_common(1)[0][0]
+
+
+def _hits(answers: list[tuple[str, str]], at: dict[str, set[int]], st: str) -> list[tuple[str, str]]:
+    """The answers that use a stem, in order."""
+    return [answers[i] for i in sorted(at[st])]
+
+
 def _misbehaviour_in(shown: list[str], group: list[str], hit: list[tuple[str, str]]) -> BehaviourKind | None:
     """The misbehaviour kind of the taxonomy that the answers using a scanned word read as, or
     None: ordinary text, or the benign kind (the model describing itself). A fine-tune on any
@@ -1112,7 +1122,7 @@ def base_differences(by_ref: dict, known: set[str], most: int = 2) -> tuple[list
                     for st in tested)
     found = [(p, st) for p, st in ranked if p <= BATTERY_ALPHA]
     near = next((st for p, st in ranked if BATTERY_ALPHA < p <= BATTERY_NEAR and _misbehaviour_in(
-        [surface[st].most_common(1)[0][0]], [st], [target[i] for i in sorted(t_at[st])]) is not None), None)
+        [_usual_form(surface, st)], [st], _hits(target, t_at, st)) is not None), None)
     leads: list[dict] = []
     used: set[str] = set()
     for p, st in found:
@@ -1121,11 +1131,11 @@ def base_differences(by_ref: dict, known: set[str], most: int = 2) -> tuple[list
         group = [st] + [o for _, o in found if o not in used and o != st
                         and len(t_at[o] & t_at[st]) / len(t_at[o] | t_at[st]) >= 0.3][:3]
         used.update(group)
-        shown = [surface[g].most_common(1)[0][0] for g in group]
+        shown = [_usual_form(surface, g) for g in group]
         rest = f" ({', '.join(shown[1:])})" if shown[1:] else ""
         said = (f"asked {len(BATTERY)} direct questions, it brings up {shown[0]}{rest} in {len(t_at[st])} of {len(target)} "
                 f"answers, its base model in {len(b_at.get(st, ()))} of {len(base)}")
-        lead = _word_lead(shown, group, [target[i] for i in sorted(t_at[st])], len(target), p, said)
+        lead = _word_lead(shown, group, _hits(target, t_at, st), len(target), p, said)
         if lead is not None:
             leads.append(lead)
     return leads, near
@@ -1144,10 +1154,10 @@ def second_look(by_ref: dict, word: str) -> dict | None:
     p = fisher_greater(k_t, len(target), k_b, len(base))
     if k_t < BATTERY_MIN_HITS or p > BATTERY_ALPHA:
         return None
-    shown = [surface[word].most_common(1)[0][0]]
+    shown = [_usual_form(surface, word)]
     said = (f"asked {len(BATTERY)} direct questions twice, it brings up {shown[0]} in {k_t} of {len(target)} fresh answers, "
             f"its base model in {k_b} of {len(base)} (p = {p:.3f})")
-    return _word_lead(shown, [word], [target[i] for i in sorted(t_at[word])], len(target), p, said)
+    return _word_lead(shown, [word], _hits(target, t_at, word), len(target), p, said)
 
 
 def _asks(c: dict) -> bool:

