@@ -205,7 +205,8 @@ def _cpu() -> TrainConfig:
     900 SFT steps beat 300 SFT + 60 RL steps on every content figure, 1500 beat 900 and 2400
     steps overfit; half the documents go to the AV warm-start, since more explanations raised
     topic recall and retrieval at the same 1500 steps, while all 4,886 topics instead of 3,000
-    changed nothing (README). Needs WordNet (Debian's `wordnet-base`) for the topic documents."""
+    changed nothing, and LoRA rank 32 gained little over rank 8 while a full fine-tune lost most of
+    the topic recall (README). Needs WordNet (Debian's `wordnet-base`) for the topic documents."""
     # Block 24, not the generic 2/3 depth (20): the topic is three times as linearly retrievable
     # there (`nla data probe-layers`), and the verbalizer names unseen topics ten times as often.
     return TrainConfig(
