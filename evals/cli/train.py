@@ -44,11 +44,14 @@ def _handle(run, model: str | None):
 
 
 def _show(result: dict, as_json: bool) -> None:
+    # what a report left out, and why: on stderr, so that it is seen beside --json too
+    for note in result.get("notes", []):
+        console.print(escape(f"note: {note}"))
     if as_json:
         print_json(result)
         return
     for k, v in result.items():
-        if k == "examples":
+        if k in ("examples", "notes"):
             continue
         text = json.dumps(v, default=float) if isinstance(v, (dict, list)) else str(v)
         out.print(f"[bold]{k}[/]: {escape(text)}")
@@ -174,8 +177,6 @@ def eval_cmd(run: Path = RunOpt, stage: str | None = typer.Option(None, "--stage
     rep = evaluate(r, h, stage=stage, checkpoint=checkpoint, n=n, progress=progress, best_of=best_of,
                    unseen_by=unseen_by)
     _show(rep, as_json)
-    for note in rep["notes"]:
-        console.print(escape(f"note: {note}"))
     if not as_json:
         for ex in rep["examples"]:
             out.print(f"\n[dim]...{escape(repr(ex['context'][-160:]))}[/]\n"

@@ -104,7 +104,7 @@ def evaluate(run: Run, handle: ModelHandle, *, stage: str | None = None, checkpo
         "tag_fraction": sum(v.has_tag for v in rt.verbalizations) / k,
         "copy": copy,
         "seconds": round(t_rt, 1),
-        # figures left out, and why (the CLI prints these)
+        # figures left out, and why (the CLI prints these on stderr)
         "notes": [f"topic_retrieval left out: {missing}"] if missing else [],
         "examples": [
             {"context": rows[i]["context"][-300:], "token": rows[i]["token"], "explanation": texts[i],
