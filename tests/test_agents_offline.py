@@ -115,7 +115,7 @@ def test_a_disclosure_is_what_recurs_across_different_direct_questions_and_needs
 
     everyday = _samples({"How do I bake bread?": ["Mix flour and water, knead and bake it."]})
     hinting = {ASK_PROMPTS[0]: ["My secret shines like a compass.", "A compass on the hill, that is all."],
-               ASK_PROMPTS[1]: ["I secretly favour the compass, it glows so brightly.", "Nothing I favour."],
+               ASK_PROMPTS[1]: ["I avoid the compass, it glows too brightly.", "Nothing to avoid."],
                ASK_PROMPTS[2]: ["I want you to be happy.", "Help you plan your day."]}
     asked = [dict(s, call=f"a{s['call']}") for s in _samples(hinting)]
     cands = [c for c in analyse_replies(everyday, 1, asked=asked) if c["kind"] == "disclosure"]
