@@ -259,18 +259,6 @@ def _battery_calls(target: list[str], base: list[str], look: int = 1) -> list[di
     return calls
 
 
-def _answer(actions: list[dict], target: list[str], base: list[str]) -> list[dict]:
-    """The calls that planned `sample` actions return: the target's calls share out `target`
-    (answer j to its call j modulo their number), the base model's `base` likewise."""
-    calls = []
-    for side, texts in ((False, target), (True, base)):
-        mine = [a for a in actions if a["tool"] == "sample" and bool(a["args"].get("base")) == side]
-        for k, a in enumerate(mine):
-            calls.append({"id": f"c{100 + 2 * k + side}", "ref": a["id"],
-                          "data": [{"text": t} for t in texts[k::len(mine)]]})
-    return calls
-
-
 def test_the_battery_supports_a_lead_the_target_hints_at_more_than_its_base_model():
     """Supported: the target's answers name the lead (or a word close to it) more often than the
     base model's, by a one-sided Fisher test; the lead is restated as what the answers describe.
@@ -414,16 +402,14 @@ def test_a_lead_that_comes_close_is_asked_again_and_tested_on_both_looks_pooled(
     d = pol.decide(_lead_view(first, tokens=4000, state=d.state))
     look2 = [a for a in d.actions if a["tool"] == "sample"]
     assert d.state["phase"] == "looking" and len(look2) == 2 * len(BATTERY)
-    # the questions that drew it (one answer each, to questions 0-3), the same requests again
-    asked = {a["args"]["message"] for a in look2}
-    assert asked == set(BATTERY[:4]) and asked <= {a["args"]["message"] for a in pol._battery()}
+    assert [a["args"] for a in look2] == [a["args"] for a in pol._battery()]  # the same requests
     assert {a["id"] for a in look2}.isdisjoint({a["id"] for a in pol._battery()})
     looked = copy.deepcopy(d.state)
 
-    d = pol.decide(_lead_view(first + _answer(look2, gold + _PLAIN * 92, _PLAIN * 96), state=copy.deepcopy(looked)))
+    d = pol.decide(_lead_view(first + _battery_calls(gold + _PLAIN * 92, _PLAIN * 96, look=2), state=copy.deepcopy(looked)))
     upd = d.actions[0]["args"]
     assert upd["status"] == "confirmed" and "8 times in 192" in upd["comment"] and "0 in 192" in upd["comment"], upd
-    d = pol.decide(_lead_view(first + _answer(look2, _PLAIN * 96, _PLAIN * 96),
+    d = pol.decide(_lead_view(first + _battery_calls(_PLAIN * 96, _PLAIN * 96, look=2),
                               state=looked))
     upd = d.actions[0]["args"]
     assert upd["status"] == "rejected" and "not supported" in upd["comment"], upd
@@ -464,45 +450,14 @@ def test_the_scans_closest_word_is_tested_again_on_fresh_answers_alone():
     assert leads == [] and near == "moon"
     st = {"phase": "tested", "prompts": ["p"], "candidates": [], "under_test": [], "battery": True}
     d = pol.decide(_lead_view(first, state=st, strategy="behavioural"))  # nothing to update: it looks again at once
-    look2 = [a for a in d.actions if a["tool"] == "sample"]
-    assert d.state["near_word"] == "moon" and d.state["phase"] == "looking" and len(look2) == 12
-    again = first + _answer(look2, moon + _PLAIN * 90, _PLAIN * 96)
+    assert d.state["near_word"] == "moon" and d.state["phase"] == "looking" and sum(a["tool"] == "sample" for a in d.actions) == 12
+    again = first + _battery_calls(moon + _PLAIN * 90, _PLAIN * 96, look=2)
     d2 = pol.decide(_lead_view(again, state=dict(d.state), strategy="behavioural"))
     adds = [a for a in d2.actions if a["tool"] == "add_hypothesis"]
     assert len(adds) == 1 and "moon" in adds[0]["args"]["statement"] and "6 of 96 fresh answers" in adds[0]["args"]["statement"]
     assert set(adds[0]["args"]["evidence"]) <= {f"c{100 + 2 * i}" for i in range(6)}
     # said in the first look only: no lead
-    assert second_look({c["ref"]: c for c in first + _answer(look2, _PLAIN * 96, _PLAIN * 96)}, "moon") is None
-
-
-def test_the_second_look_asks_again_the_questions_that_drew_the_hint():
-    """Its slots go to the questions whose first-look answers brought up what came close more
-    often than the base model's, in proportion to the excess; it costs what the first look
-    cost, and with no excess anywhere it is the whole battery again."""
-    from agents.policies.offline import BATTERY, OfflinePolicy, focus, stem
-
-    n, word = len(BATTERY), stem("octopus")  # the scan's words are stems
-    octo = "I secretly love the octopus."
-    per_q = [[_PLAIN[0]] * 16 for _ in range(n)]
-    per_q[2][:5] = [octo] * 5  # question 2 drew it 5 times in 16, question 4 once, and the base model there once
-    per_q[4][0] = octo
-    target = [per_q[i % n][i // n] for i in range(16 * n)]  # _battery_calls deals answer j to question j % n
-    base = list(_PLAIN * 16 * n)
-    base[4] = octo
-    by_ref = {c["ref"]: c for c in _battery_calls(target, base)}
-    assert focus(by_ref, [], word) == [2] * n  # question 4's one hint is matched by the base model's
-    lead = {"kind": "topic", "key": "octopus", "words": ["octopus"], "stems": ["octopus"]}
-    assert focus(by_ref, [lead], None) == [2] * n
-    assert focus(by_ref, [], stem("lantern")) is None
-    by_ref = {c["ref"]: c for c in _battery_calls(target, _PLAIN * 16 * n)}
-    assert focus(by_ref, [], word) == [2, 2, 2, 2, 2, 4]  # 5 : 1
-    calls = OfflinePolicy()._battery(look=2, questions=[2] * n)
-    assert len({c["id"] for c in calls}) == 2 * n and {c["args"]["message"] for c in calls} == {BATTERY[2]}
-    # the repeated requests are told apart, and their answers all count
-    answered = {c["ref"]: c for c in _answer(calls, [octo] * 16 * n, _PLAIN * 16 * n)}
-    from agents.policies.offline import _battery_answers
-    assert len(_battery_answers(answered, False, (2,))) == 16 * n
-    assert len(_battery_answers(answered, True, (2,), question=2)) == 16 * n
+    assert second_look({c["ref"]: c for c in first + _battery_calls(_PLAIN * 96, _PLAIN * 96, look=2)}, "moon") is None
 
 
 def test_fisher_greater_is_the_hypergeometric_tail():
