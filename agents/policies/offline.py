@@ -929,6 +929,8 @@ class OfflinePolicy:
     def _look_again(self, view: PolicyView, st: dict) -> list[dict]:
         """The battery's second look, when a lead or the scan's best word came close on the first
         and the budget holds it; without room, the close leads are scored as not supported."""
+        # The whole battery again: asking only the questions that drew the hint was measured as a
+        # wash (bench-s47, README "A second look focused on the questions that drew the hint").
         st["looked"] = True
         near = [c for c in st.get("candidates", []) if c.get("near")]
         if not near and not st.get("near_word"):
